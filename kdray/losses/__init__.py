@@ -1,0 +1,53 @@
+"""Distillation losses in pure torch: divergences (dense and top-k), reduction, X-KD, TAID, objectives.
+
+Nothing here knows about Ray, configs or models; the training step passes tensors and flat parameters.
+"""
+
+from kdray.losses.divergences import (
+    DIVERGENCES,
+    align_vocab,
+    divergence,
+    forward_kl,
+    jsd,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    tvd,
+)
+from kdray.losses.objective import LOSSES, Objective, Term, build_objective
+from kdray.losses.reduce import chunked_per_token, masked_mean
+from kdray.losses.signal import teacher_divergence, token_cross_entropy
+from kdray.losses.sparse import sparse_divergence, sparse_logprobs, teacher_tail_logprob
+from kdray.losses.taid import TAIDSchedule, taid_per_token, taid_target_logprobs
+from kdray.losses.xkd import gaussian_nll, prior_kl, q_values, td_residual, xkd_loss
+
+__all__ = [
+    "DIVERGENCES",
+    "LOSSES",
+    "Objective",
+    "TAIDSchedule",
+    "Term",
+    "align_vocab",
+    "build_objective",
+    "chunked_per_token",
+    "divergence",
+    "forward_kl",
+    "gaussian_nll",
+    "jsd",
+    "masked_mean",
+    "prior_kl",
+    "q_values",
+    "reverse_kl",
+    "skew_kl",
+    "skew_reverse_kl",
+    "sparse_divergence",
+    "sparse_logprobs",
+    "taid_per_token",
+    "taid_target_logprobs",
+    "td_residual",
+    "teacher_divergence",
+    "teacher_tail_logprob",
+    "token_cross_entropy",
+    "tvd",
+    "xkd_loss",
+]

@@ -1,0 +1,249 @@
+"""Loss terms by name and the objective: a weighted list of terms -> one callable.
+
+Every term has the loss API of ARCHITECTURE.md,
+    term(student_logits, batch, teacher_signal, *, num_tokens, chunk_size, **params) -> (scalar, {sub: value}),
+where `batch` carries `target_ids (B, T)` and `mask (B, T)` (plus the reward head's `reward_mu` and
+`reward_log_sigma` for X-KD) and `teacher_signal` is dense logits or a sparse top-k signal. The
+objective logs every term by name (unweighted) and every sub-term as `term/sub`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from kdray.losses.divergences import DIVERGENCES, loss_dtype
+from kdray.losses.reduce import chunked_per_token, masked_mean
+from kdray.losses.signal import is_sparse, teacher_divergence, token_cross_entropy
+from kdray.losses.taid import taid_per_token
+from kdray.losses.xkd import xkd_loss
+
+Tensor = torch.Tensor
+TermResult = tuple[Tensor, dict[str, Tensor]]
+TermFn = Callable[..., TermResult]
+
+
+def _require(batch: Mapping[str, Tensor], key: str, term: str, hint: str) -> Tensor:
+    if key not in batch:
+        raise KeyError(f"loss term {term!r} needs batch[{key!r}] ({hint}); the batch has {sorted(batch)}")
+    return batch[key]
+
+
+def _require_signal(teacher_signal: Mapping[str, Tensor] | None, term: str) -> Mapping[str, Tensor]:
+    if teacher_signal is None:
+        raise ValueError(f"loss term {term!r} needs a teacher signal, but none was given for this batch")
+    return teacher_signal
+
+
+def ce_term(
+    student_logits: Tensor,
+    batch: Mapping[str, Tensor],
+    teacher_signal: Mapping[str, Tensor] | None = None,
+    *,
+    num_tokens: int | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> TermResult:
+    """Cross-entropy on `batch['target_ids']` (labels, or teacher generations for SeqKD)."""
+    targets = _require(batch, "target_ids", "ce", "the tokens to imitate")
+    values = token_cross_entropy(student_logits, targets, chunk_size=chunk_size)
+    return masked_mean(values, batch["mask"], num_tokens), {}
+
+
+def divergence_term(
+    name: str,
+    student_logits: Tensor,
+    batch: Mapping[str, Tensor],
+    teacher_signal: Mapping[str, Tensor] | None = None,
+    *,
+    num_tokens: int | Tensor | None = None,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    sparse_mode: str = "tail",
+    **params: float,
+) -> TermResult:
+    """Divergence `name` to the teacher at every counted position (supervised KD, GKD, DistiLLM)."""
+    signal = _require_signal(teacher_signal, name)
+    values = teacher_divergence(
+        name,
+        student_logits,
+        signal,
+        temperature=temperature,
+        sparse_mode=sparse_mode,  # type: ignore[arg-type]
+        chunk_size=chunk_size,
+        **params,
+    )
+    return masked_mean(values, batch["mask"], num_tokens), {}
+
+
+def xkd_term(
+    student_logits: Tensor,
+    batch: Mapping[str, Tensor],
+    teacher_signal: Mapping[str, Tensor] | None = None,
+    *,
+    num_tokens: int | Tensor | None = None,
+    chunk_size: int | None = None,
+    **params: Any,
+) -> TermResult:
+    """X-KD (imitation + λ_td·TD-NLL + λ_kl·prior); the reward head's outputs come in the batch."""
+    hint = "the reward head's output, see kdray.models.RewardHead"
+    mu = _require(batch, "reward_mu", "xkd", hint)
+    log_sigma = _require(batch, "reward_log_sigma", "xkd", hint)
+    targets = _require(batch, "target_ids", "xkd", "the demonstration's tokens")
+    return xkd_loss(
+        student_logits,
+        targets,
+        batch["mask"],
+        mu,
+        log_sigma,
+        teacher_signal=teacher_signal,
+        num_tokens=num_tokens,
+        chunk_size=chunk_size,
+        **params,
+    )
+
+
+def taid_term(
+    student_logits: Tensor,
+    batch: Mapping[str, Tensor],
+    teacher_signal: Mapping[str, Tensor] | None = None,
+    *,
+    num_tokens: int | Tensor | None = None,
+    chunk_size: int | None = None,
+    t: float = 0.4,
+    temperature: float = 1.0,
+) -> TermResult:
+    """TAID toward the interpolated target; `t` comes from a TAIDSchedule at call time (runtime)."""
+    signal = _require_signal(teacher_signal, "taid")
+    if is_sparse(signal):
+        raise ValueError(
+            "taid interpolates full teacher logits; a top-k signal cannot be interpolated exactly. "
+            "Serve full logits (teacher.top_k: null) for this objective."
+        )
+    values = chunked_per_token(
+        partial(taid_per_token, t=t, temperature=temperature),
+        student_logits,
+        signal["teacher_logits"],
+        chunk_size=chunk_size,
+    )
+    return masked_mean(values, batch["mask"], num_tokens), {"t": torch.tensor(float(t))}
+
+
+def _divergence_params(fn: Callable[..., Tensor]) -> frozenset[str]:
+    return frozenset(list(inspect.signature(fn).parameters)[2:])
+
+
+def _keyword_only(fn: Callable[..., Any]) -> frozenset[str]:
+    kinds = inspect.signature(fn).parameters.values()
+    return frozenset(p.name for p in kinds if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+_ALL_DIVERGENCE_PARAMS = frozenset().union(*(_divergence_params(f) for f in DIVERGENCES.values()))
+
+#: name -> term function. Divergence terms are the §1 divergences with the shared signal handling.
+LOSSES: dict[str, TermFn] = {
+    "ce": ce_term,
+    **{name: partial(divergence_term, name) for name in DIVERGENCES},
+    "xkd": xkd_term,
+    "taid": taid_term,
+}
+
+#: name -> the parameters a config may set for it (checked when the objective is built).
+TERM_PARAMS: dict[str, frozenset[str]] = {
+    "ce": frozenset(),
+    **{n: _divergence_params(f) | {"temperature", "sparse_mode"} for n, f in DIVERGENCES.items()},
+    # the term supplies the signal, token count and chunking itself; the rest are config knobs
+    "xkd": (_keyword_only(xkd_loss) - {"teacher_signal", "num_tokens", "chunk_size"})
+    | _ALL_DIVERGENCE_PARAMS,
+    "taid": frozenset({"t", "temperature"}),
+}
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted, parametrised term of an objective."""
+
+    name: str
+    weight: float = 1.0
+    params: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+
+def _check_term(name: str, weight: float, params: Mapping[str, Any]) -> None:
+    if name not in LOSSES:
+        close = difflib.get_close_matches(name, list(LOSSES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown loss term {name!r}; {hint}available: {sorted(LOSSES)}")
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"loss term {name!r}: weight={weight!r} must be a finite number >= 0")
+    unknown = sorted(set(params) - TERM_PARAMS[name])
+    if unknown:
+        raise ValueError(
+            f"loss term {name!r} has no parameter(s) {unknown}; it accepts {sorted(TERM_PARAMS[name])}"
+        )
+
+
+class Objective:
+    """A weighted sum of named terms; call it like a term, get `(loss, {name: value})`."""
+
+    def __init__(self, terms: Sequence[Term]) -> None:
+        if not terms:
+            raise ValueError("an objective needs at least one loss term")
+        labelled, seen = [], {}
+        for term in terms:
+            _check_term(term.name, term.weight, term.params)
+            seen[term.name] = seen.get(term.name, 0) + 1
+            label = term.label or (term.name if seen[term.name] == 1 else f"{term.name}#{seen[term.name]}")
+            labelled.append(Term(term.name, float(term.weight), dict(term.params), label))
+        self.terms = tuple(labelled)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """False when every term works from the data alone (SFT, sequence-level X-KD)."""
+        for term in self.terms:
+            if term.name == "ce" or (term.name == "xkd" and term.params.get("variant") == "sequence"):
+                continue
+            return True
+        return False
+
+    def __call__(
+        self,
+        student_logits: Tensor,
+        batch: Mapping[str, Tensor],
+        teacher_signal: Mapping[str, Tensor] | None = None,
+        *,
+        num_tokens: int | Tensor | None = None,
+        chunk_size: int | None = None,
+        runtime: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> TermResult:
+        """Total loss and every term by label; `runtime` adds per-call params by label (e.g. TAID's t)."""
+        runtime = runtime or {}
+        logs: dict[str, Tensor] = {}
+        total = student_logits.new_zeros((), dtype=loss_dtype(student_logits))
+        for term in self.terms:
+            params = {**term.params, **runtime.get(term.label, {})}
+            value, subs = LOSSES[term.name](
+                student_logits, batch, teacher_signal, num_tokens=num_tokens, chunk_size=chunk_size, **params
+            )
+            total = total + term.weight * value
+            logs[term.label] = value.detach()
+            logs.update({f"{term.label}/{k}": v.detach() for k, v in subs.items()})
+        logs["loss"] = total.detach()
+        return total, logs
+
+
+def build_objective(terms: Sequence[Any]) -> Objective:
+    """Objective from config terms: anything with `name`, `weight`, `params` (e.g. config LossTerm) or dicts."""
+    built = []
+    for t in terms:
+        if isinstance(t, Mapping):
+            built.append(Term(t["name"], float(t.get("weight", 1.0)), dict(t.get("params", {}))))
+        else:
+            built.append(Term(t.name, float(t.weight), dict(t.params)))
+    return Objective(built)

@@ -1,0 +1,5 @@
+"""Students and teachers: tiny models built in code, the X-KD reward head, loaders for real checkpoints."""
+
+from kdray.models.reward_head import RewardHead
+
+__all__ = ["RewardHead"]

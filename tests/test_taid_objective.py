@@ -1,0 +1,157 @@
+"""TAID target and schedule; the objective builder and registry."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from kdray.losses import LOSSES, Term, build_objective
+from kdray.losses import divergences as D
+from kdray.losses.reduce import masked_mean
+from kdray.losses.taid import TAIDSchedule, taid_per_token, taid_target_logprobs
+
+
+def pair(seed=0, shape=(2, 4, 13)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def test_taid_target_interpolates_logits():
+    s, t = pair()
+    torch.testing.assert_close(taid_target_logprobs(s, t, 0.0), torch.log_softmax(s, -1))
+    torch.testing.assert_close(taid_target_logprobs(s, t, 1.0), torch.log_softmax(t, -1))
+    torch.testing.assert_close(taid_target_logprobs(s, t, 0.3), torch.log_softmax(0.7 * s + 0.3 * t, -1))
+
+
+def test_taid_loss_endpoints_and_detached_target():
+    s, t = pair(1)
+    assert taid_per_token(s, t, t=0.0).abs().max() < 1e-6
+    torch.testing.assert_close(taid_per_token(s, t, t=1.0), D.forward_kl(s, t))
+    # gradient equals that of cross-entropy against the fixed target (student side detached in p_t)
+    x = s.clone().requires_grad_()
+    taid_per_token(x, t, t=0.4).sum().backward()
+    target = taid_target_logprobs(s, t, 0.4).exp()
+    torch.testing.assert_close(x.grad, torch.softmax(s, -1) - target)
+
+
+def test_taid_schedule_monotone_reaches_one_and_resumes():
+    sched = TAIDSchedule(total_steps=100)
+    ts, losses = [], [5.0 - 0.03 * i + 0.2 * (i % 3) for i in range(100)]
+    for step, loss in enumerate(losses, 1):
+        ts.append(sched.update(step, loss))
+    assert ts[0] >= 0.4 and all(b >= a for a, b in itertools.pairwise(ts))
+    assert ts[-1] == pytest.approx(1.0)
+    # the reference update, step by step, for the first few steps
+    t, m, prev = 0.4, 0.0, None
+    for step, loss in enumerate(losses[:5], 1):
+        rel = 0.0 if prev is None else (prev - loss) / (prev + 1e-15)
+        m = 0.99 * m + 0.01 * rel
+        t = min(1.0, max(0.4 + 0.6 * step / 100, t + 5e-4 * torch.sigmoid(torch.tensor(m)).item() * (1 - t)))
+        prev = loss
+        assert ts[step - 1] == pytest.approx(t)
+    a, b = TAIDSchedule(50), TAIDSchedule(50)
+    for step in range(1, 10):
+        a.update(step, 3.0 / step)
+    b.load_state_dict(a.state_dict())
+    assert a.update(10, 0.2) == b.update(10, 0.2)
+    assert TAIDSchedule(10).update(1, float("nan")) == 0.4
+
+
+# ---- objective ---------------------------------------------------------------------------------
+
+
+def batch_and_signal(seed=2):
+    s, t = pair(seed)
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, 13, (2, 4), generator=g)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    return s, {"target_ids": targets, "mask": mask}, {"teacher_logits": t}
+
+
+def test_weighted_sum_and_logged_terms():
+    s, batch, sig = batch_and_signal()
+    obj = build_objective(
+        [
+            {"name": "forward_kl", "weight": 0.7, "params": {"temperature": 2.0}},
+            {"name": "ce", "weight": 0.3},
+            {"name": "jsd", "weight": 1.0, "params": {"beta": 0.1}},
+        ]
+    )
+    loss, logs = obj(s, batch, sig)
+    fkl = masked_mean(D.forward_kl(s, sig["teacher_logits"], temperature=2.0), batch["mask"])
+    ce = torch.nn.functional.cross_entropy(s[batch["mask"]], batch["target_ids"][batch["mask"]])
+    j = masked_mean(D.jsd(s, sig["teacher_logits"], beta=0.1), batch["mask"])
+    torch.testing.assert_close(loss, 0.7 * fkl + 0.3 * ce + j)
+    assert set(logs) == {"forward_kl", "ce", "jsd", "loss"}
+    torch.testing.assert_close(logs["ce"], ce)
+
+
+def test_xkd_term_logs_subterms_and_needs_reward_head():
+    s, batch, sig = batch_and_signal()
+    obj = build_objective([Term("xkd", 1.0, {"divergence": "tvd", "lambda_td": 0.5})])
+    with pytest.raises(KeyError, match="reward_mu"):
+        obj(s, batch, sig)
+    batch = {**batch, "reward_mu": torch.zeros(2, 4), "reward_log_sigma": torch.zeros(2, 4)}
+    loss, logs = obj(s, batch, sig)
+    assert {"xkd", "xkd/imitation", "xkd/td_nll", "xkd/prior_kl", "xkd/reward_mu", "loss"} <= set(logs)
+    torch.testing.assert_close(loss, logs["xkd/imitation"] + 0.5 * logs["xkd/td_nll"] + logs["xkd/prior_kl"])
+
+
+def test_taid_runtime_t_and_sparse_refusal():
+    s, batch, sig = batch_and_signal()
+    obj = build_objective([Term("taid")])
+    loss0, _ = obj(s, batch, sig, runtime={"taid": {"t": 0.0}})
+    assert loss0.abs() < 1e-6
+    loss1, logs = obj(s, batch, sig, runtime={"taid": {"t": 1.0}})
+    torch.testing.assert_close(loss1, masked_mean(D.forward_kl(s, sig["teacher_logits"]), batch["mask"]))
+    assert logs["taid/t"].item() == 1.0
+    sparse = {
+        "topk_ids": torch.zeros(2, 4, 3, dtype=torch.int32),
+        "topk_logprobs": torch.full((2, 4, 3), -1.0),
+    }
+    with pytest.raises(ValueError, match="top_k: null"):
+        obj(s, batch, sparse)
+
+
+def test_sparse_signal_goes_through_same_terms():
+    s, batch, sig = batch_and_signal()
+    lp = torch.log_softmax(sig["teacher_logits"], -1)
+    full = {
+        "topk_ids": lp.argsort(-1, descending=True).int(),
+        "topk_logprobs": lp.sort(-1, descending=True).values,
+    }
+    obj = build_objective([Term("reverse_kl")])
+    torch.testing.assert_close(obj(s, batch, full)[0], obj(s, batch, sig)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_duplicate_terms_get_distinct_labels():
+    s, batch, sig = batch_and_signal()
+    obj = build_objective([Term("forward_kl"), Term("forward_kl", 0.5, {"temperature": 2.0})])
+    _, logs = obj(s, batch, sig)
+    assert {"forward_kl", "forward_kl#2"} <= set(logs)
+
+
+def test_builder_errors_name_the_problem():
+    with pytest.raises(ValueError, match="did you mean 'forward_kl'"):
+        build_objective([Term("forward_kll")])
+    with pytest.raises(ValueError, match=r"no parameter\(s\) \['betta'\]"):
+        build_objective([Term("jsd", 1.0, {"betta": 0.5})])
+    with pytest.raises(ValueError, match="weight=-1"):
+        build_objective([Term("ce", -1.0)])
+    with pytest.raises(ValueError, match="at least one"):
+        build_objective([])
+    s, batch, _ = batch_and_signal()
+    with pytest.raises(ValueError, match="needs a teacher signal"):
+        build_objective([Term("forward_kl")])(s, batch, None)
+
+
+def test_registry_covers_every_divergence_and_method_term():
+    assert set(D.DIVERGENCES) | {"ce", "xkd", "taid"} == set(LOSSES)
+
+
+def test_needs_teacher():
+    assert not build_objective([Term("ce")]).needs_teacher
+    assert not build_objective([Term("xkd", 1.0, {"variant": "sequence"})]).needs_teacher
+    assert build_objective([Term("ce"), Term("forward_kl")]).needs_teacher
