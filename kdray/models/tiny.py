@@ -45,3 +45,28 @@ def tiny_causal_lm(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.float()
+
+
+def save_tiny_checkpoint(
+    path: Any, *, vocab_size: int | None = None, seed: int = 0, **model_kwargs: Any
+) -> Any:
+    """Save a tiny model with the char tokenizer as a normal HF checkpoint directory; returns the path.
+
+    Tests and demos load it back through the same `from_pretrained` path a hub model takes.
+    """
+    from pathlib import Path
+
+    from kdray.models.tokenizer import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm(vocab_size or len(tokenizer), seed=seed, **model_kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
