@@ -1,0 +1,190 @@
+"""The student's training step, free of Ray: tests call it directly, Ray Train workers call it in a loop.
+
+Alignment: a batch holds `input_ids (B, L)`, `attention_mask`, `response_mask` and the teacher signal
+aligned with the input tokens (row t = distribution over token t). The student's logits at position t
+predict token t+1, so the loss pairs `logits[:, :-1]` with `input_ids[:, 1:]`, the masks' `[:, 1:]`
+and the signal's `[:, 1:]`.
+
+Normalisation: every micro-batch's loss is its sum divided by the token count of the whole *global*
+step (all micro-batches on all workers). Summing micro-batch gradients then gives the gradient of the
+mean over the global batch; DDP averages over W workers, so each worker scales its loss by W.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kdray.losses.objective import Objective
+
+Tensor = torch.Tensor
+SIGNAL_KEYS = ("topk_ids", "topk_logprobs", "token_logprobs", "teacher_logits")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive steps had a NaN/inf loss; the message names the terms that were not finite."""
+
+
+def to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """numpy/list columns -> tensors on `device` (ids long, masks bool, floats float32); other columns dropped."""
+    out: dict[str, Tensor] = {}
+    for key, value in batch.items():
+        if key not in ("input_ids", "attention_mask", "response_mask", *SIGNAL_KEYS):
+            continue
+        t = torch.as_tensor(value)
+        if key in ("attention_mask", "response_mask"):
+            t = t.bool()
+        elif key in ("input_ids", "topk_ids"):
+            t = t.long()
+        else:
+            t = t.float()
+        out[key] = t.to(device, non_blocking=True)
+    return out
+
+
+def loss_mask(batch: Mapping[str, Tensor]) -> Tensor:
+    """(B, L-1) mask of the predicted positions that count: response tokens that are not padding."""
+    mask = batch["response_mask"][:, 1:]
+    if "attention_mask" in batch:
+        mask = mask & batch["attention_mask"][:, 1:]
+    return mask
+
+
+def teacher_signal(batch: Mapping[str, Tensor], vocab_size: int | None = None) -> dict[str, Tensor] | None:
+    """The signal shifted to pair with `logits[:, :-1]`; dense logits sliced to the tokenizer length."""
+    if "teacher_logits" in batch:
+        logits = batch["teacher_logits"][:, 1:]
+        return {"teacher_logits": logits[..., :vocab_size] if vocab_size else logits}
+    if "topk_ids" in batch:
+        return {k: batch[k][:, 1:] for k in ("topk_ids", "topk_logprobs", "token_logprobs") if k in batch}
+    return None
+
+
+def student_forward(
+    model: Any, head: Any, batch: Mapping[str, Tensor], vocab_size: int | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Student logits (B, L-1, V) and the loss batch (targets, mask, and the reward head's μ, log σ)."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        output_hidden_states=head is not None,
+    )
+    logits = out.logits[:, :-1]
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]  # padded heads: only the tokenizer's ids are tokens
+    loss_batch = {"target_ids": batch["input_ids"][:, 1:], "mask": loss_mask(batch)}
+    if head is not None:
+        mu, log_sigma = head(out.hidden_states[-1][:, :-1])
+        loss_batch.update(reward_mu=mu, reward_log_sigma=log_sigma)
+    return logits, loss_batch
+
+
+@dataclass
+class StepConfig:
+    """Flat knobs of one optimisation step (built from TrainConfig by the trainer glue)."""
+
+    grad_clip: float | None = 1.0
+    chunk_size: int | None = None
+    vocab_size: int | None = None
+    max_bad_steps: int = 10
+    bad_steps: int = field(default=0, init=False)
+
+
+def _world() -> tuple[int, bool]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), True
+    return 1, False
+
+
+def global_token_count(micro_batches: Sequence[Mapping[str, Tensor]]) -> int:
+    """Counted tokens over every micro-batch of the step on every worker (all-reduced under DDP)."""
+    local = sum(int(loss_mask(b).sum()) for b in micro_batches)
+    if not _world()[1]:
+        return local
+    t = torch.tensor([local], dtype=torch.long, device=_reduce_device())
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def _reduce_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _all_finite(value: bool) -> bool:
+    """True only if every worker's step was finite, so all ranks skip together (a NaN on one rank
+    would otherwise poison every rank's gradients through the all-reduce)."""
+    if not _world()[1]:
+        return value
+    flag = torch.tensor([1.0 if value else 0.0], device=_reduce_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def train_step(
+    model: Any,
+    head: Any,
+    optimizer: torch.optim.Optimizer,
+    objective: Objective,
+    micro_batches: Sequence[Mapping[str, Tensor]],
+    cfg: StepConfig,
+    *,
+    runtime: Mapping[str, Mapping[str, Any]] | None = None,
+    params: Sequence[Tensor] | None = None,
+) -> dict[str, float]:
+    """One optimisation step over `micro_batches` (gradient accumulation); returns logged values.
+
+    A step whose loss or gradient is not finite on any worker is skipped on every worker; after
+    `cfg.max_bad_steps` consecutive skips a NonFiniteLossError names the terms that went bad.
+    """
+    num_tokens = max(global_token_count(micro_batches), 1)
+    world, _ = _world()
+    optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, float] = {}
+    finite = True
+    for mb in micro_batches:
+        logits, loss_batch = student_forward(model, head, mb, cfg.vocab_size)
+        loss, logs = objective(
+            logits,
+            loss_batch,
+            teacher_signal(mb, cfg.vocab_size),
+            num_tokens=num_tokens,
+            chunk_size=cfg.chunk_size,
+            runtime=runtime,
+        )
+        finite = finite and bool(torch.isfinite(loss))
+        if finite:
+            (loss * world).backward()  # DDP averages gradients over workers; the loss is already global
+        for k, v in logs.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    params = list(params) if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = _clip(params, cfg.grad_clip) if finite else float("nan")
+    finite = _all_finite(finite and math.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+        cfg.bad_steps = 0
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        cfg.bad_steps += 1
+        if cfg.bad_steps >= cfg.max_bad_steps:
+            bad = sorted(k for k, v in totals.items() if not math.isfinite(v))
+            raise NonFiniteLossError(
+                f"{cfg.bad_steps} consecutive steps had a non-finite loss or gradient (terms: {bad or 'gradient'}); "
+                "check the teacher signal for NaN logits, lower the learning rate, or use float32"
+            )
+    totals.update(grad_norm=grad_norm, num_tokens=float(num_tokens), skipped=float(not finite))
+    return totals
+
+
+def _clip(params: Sequence[Tensor], max_norm: float | None) -> float:
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return 0.0
+    if max_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in with_grad])))
+    return float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
