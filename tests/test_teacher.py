@@ -69,7 +69,7 @@ def test_full_vocabulary_k_and_k_too_large(tiny_dir, teacher):
         {"input_ids": [[5, 6, 7]]}, k=None if teacher.top_k is None else teacher.vocab_size
     )
     np.testing.assert_allclose(np.exp(full["topk_logprobs"][0, 1:]).sum(-1), 1.0, atol=1e-5)
-    with pytest.raises(ValueError, match=r"top_k=500 .* allowed 1\.\.113"):
+    with pytest.raises(ValueError, match=rf"top_k=500 .* allowed 1\.\.{len(teacher.tokenizer)}"):
         Teacher(str(tiny_dir), top_k=500)
 
 
@@ -144,28 +144,32 @@ def test_preflight_refuses_mismatched_vocabularies_before_loading_weights(tmp_pa
 
     same = _config_and_tokenizer_only(tiny_dir, tmp_path / "same")
     plan = preflight(str(tiny_dir), str(same), method="xkd")
-    assert plan.same_tokenizer and plan.vocab_size == 113 and not plan.needs_slicing
+    n = len(char_tokenizer())
+    assert plan.same_tokenizer and plan.vocab_size == n and not plan.needs_slicing
     other = save_tiny_checkpoint(tmp_path / "other-src", hidden_size=32, num_layers=1)
     char_tokenizer("0123456789+-=abc").save_pretrained(other)  # a different tokenizer, no weights needed
     other = _config_and_tokenizer_only(other, tmp_path / "other")
-    with pytest.raises(VocabularyMismatchError, match=r"teacher .*113 tokens.* vs student .*23 tokens"):
+    with pytest.raises(VocabularyMismatchError, match=rf"teacher .*{n} tokens.* vs student .*23 tokens"):
         preflight(str(tiny_dir), str(other), method="xkd")
     assert not preflight(str(tiny_dir), str(other), method="seqkd").same_tokenizer  # text-only: allowed
 
 
 def test_padded_heads_are_sliced_to_the_tokenizer(teacher):
     tok = teacher.tokenizer
-    plan = check_vocabularies(tok, tok, teacher_head=128, student_head=120, method="gkd")
+    plan = check_vocabularies(tok, tok, teacher_head=len(tok) + 14, student_head=len(tok) + 6, method="gkd")
     assert plan.vocab_size == len(tok) and plan.needs_slicing
     with pytest.raises(VocabularyMismatchError, match="student head has 100 outputs"):
         check_vocabularies(tok, tok, teacher_head=128, student_head=100, method="gkd")
 
 
 def test_teacher_with_padded_head_serves_tokenizer_ids_only(tmp_path):
-    path = save_tiny_checkpoint(tmp_path / "padded", vocab_size=128, hidden_size=32, num_layers=1)
+    from kdray.models.tokenizer import char_tokenizer
+
+    n = len(char_tokenizer())
+    path = save_tiny_checkpoint(tmp_path / "padded", vocab_size=n + 16, hidden_size=32, num_layers=1)
     t = Teacher(str(path), top_k=None)
     sig = t.logprobs({"input_ids": [[5, 6, 7]]})
-    assert t.vocab_size == 113 and sig["topk_ids"].shape[-1] == 113 and sig["topk_ids"].max() < 113
+    assert t.vocab_size == n and sig["topk_ids"].shape[-1] == n and sig["topk_ids"].max() < n
 
 
 def test_layer_pruned_student_copies_every_mth_layer(tmp_path):

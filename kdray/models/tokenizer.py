@@ -9,8 +9,9 @@ from __future__ import annotations
 import string
 from typing import Any
 
-#: printable ASCII plus the letters of the German side of Multi30k.
-DEFAULT_ALPHABET = string.printable[:95] + "äöüÄÖÜßéèàç"
+#: printable ASCII, newline (GSM8K answers are multi-line), the letters of the German side of
+#: Multi30k, and the typographic quotes and dashes real GSM8K text uses.
+DEFAULT_ALPHABET = string.printable[:95] + "\n" + "äöüÄÖÜßéèàç" + "’‘“”–—€°"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>")
 
 CHAT_TEMPLATE = (
@@ -32,7 +33,8 @@ def char_tokenizer(alphabet: str = DEFAULT_ALPHABET) -> Any:
     chars = list(dict.fromkeys(alphabet))  # de-duplicate, keep order
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # [\s\S], not ".": a dot does not match newlines, and "\n\n" would become one unknown piece
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
