@@ -148,7 +148,7 @@ def test_builder_errors_name_the_problem():
 
 
 def test_registry_covers_every_divergence_and_method_term():
-    assert set(D.DIVERGENCES) | {"ce", "xkd", "taid"} == set(LOSSES)
+    assert set(D.DIVERGENCES) | {"ce", "xkd", "taid", "minillm"} == set(LOSSES)
 
 
 def test_needs_teacher():

@@ -14,6 +14,7 @@ from kdray.losses.divergences import (
     skew_reverse_kl,
     tvd,
 )
+from kdray.losses.minillm import future_returns, minillm_loss
 from kdray.losses.objective import LOSSES, Objective, Term, build_objective
 from kdray.losses.reduce import chunked_per_token, masked_mean
 from kdray.losses.signal import teacher_divergence, token_cross_entropy
@@ -32,9 +33,11 @@ __all__ = [
     "chunked_per_token",
     "divergence",
     "forward_kl",
+    "future_returns",
     "gaussian_nll",
     "jsd",
     "masked_mean",
+    "minillm_loss",
     "prior_kl",
     "q_values",
     "reverse_kl",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from kdray.losses.divergences import DIVERGENCES, loss_dtype
+from kdray.losses.minillm import minillm_loss
 from kdray.losses.reduce import chunked_per_token, masked_mean
 from kdray.losses.signal import is_sparse, teacher_divergence, token_cross_entropy
 from kdray.losses.taid import taid_per_token
@@ -135,6 +136,31 @@ def taid_term(
     return masked_mean(values, batch["mask"], num_tokens), {"t": torch.tensor(float(t))}
 
 
+def minillm_term(
+    student_logits: Tensor,
+    batch: Mapping[str, Tensor],
+    teacher_signal: Mapping[str, Tensor] | None = None,
+    *,
+    num_tokens: int | Tensor | None = None,
+    chunk_size: int | None = None,
+    **params: Any,
+) -> TermResult:
+    """MiniLLM on student samples; the batch carries the sampling log-probs recorded at generation."""
+    signal = _require_signal(teacher_signal, "minillm")
+    old = _require(batch, "old_logprobs", "minillm", "the sampling student's log-probs of its tokens")
+    return minillm_loss(
+        student_logits,
+        batch["target_ids"],
+        batch["mask"],
+        signal,
+        old,
+        mix_logprobs=batch.get("mix_logprobs"),
+        num_tokens=num_tokens,
+        chunk_size=chunk_size,
+        **params,
+    )
+
+
 def _divergence_params(fn: Callable[..., Tensor]) -> frozenset[str]:
     return frozenset(list(inspect.signature(fn).parameters)[2:])
 
@@ -152,6 +178,7 @@ LOSSES: dict[str, TermFn] = {
     **{name: partial(divergence_term, name) for name in DIVERGENCES},
     "xkd": xkd_term,
     "taid": taid_term,
+    "minillm": minillm_term,
 }
 
 #: name -> the parameters a config may set for it (checked when the objective is built).
@@ -162,6 +189,7 @@ TERM_PARAMS: dict[str, frozenset[str]] = {
     "xkd": (_keyword_only(xkd_loss) - {"teacher_signal", "num_tokens", "chunk_size"})
     | _ALL_DIVERGENCE_PARAMS,
     "taid": frozenset({"t", "temperature"}),
+    "minillm": _keyword_only(minillm_loss) - {"mix_logprobs", "num_tokens", "chunk_size"},
 }
 
 
