@@ -23,6 +23,8 @@ from kdray.losses.objective import Objective
 
 Tensor = torch.Tensor
 SIGNAL_KEYS = ("topk_ids", "topk_logprobs", "token_logprobs", "teacher_logits")
+#: per-token columns of on-policy samples (MiniLLM's sampling log-probs), aligned with the input tokens
+SAMPLE_KEYS = ("old_logprobs", "mix_logprobs")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -33,7 +35,7 @@ def to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> 
     """numpy/list columns -> tensors on `device` (ids long, masks bool, floats float32); other columns dropped."""
     out: dict[str, Tensor] = {}
     for key, value in batch.items():
-        if key not in ("input_ids", "attention_mask", "response_mask", *SIGNAL_KEYS):
+        if key not in ("input_ids", "attention_mask", "response_mask", *SIGNAL_KEYS, *SAMPLE_KEYS):
             continue
         t = torch.as_tensor(value)
         if key in ("attention_mask", "response_mask"):
@@ -77,6 +79,7 @@ def student_forward(
     if vocab_size is not None:
         logits = logits[..., :vocab_size]  # padded heads: only the tokenizer's ids are tokens
     loss_batch = {"target_ids": batch["input_ids"][:, 1:], "mask": loss_mask(batch)}
+    loss_batch.update({k: batch[k][:, 1:] for k in SAMPLE_KEYS if k in batch})
     if head is not None:
         mu, log_sigma = head(out.hidden_states[-1][:, :-1])
         loss_batch.update(reward_mu=mu, reward_log_sigma=log_sigma)
