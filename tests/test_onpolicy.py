@@ -8,6 +8,7 @@ import torch
 
 from kdray.losses import Term, build_objective
 from kdray.losses import divergences as D
+from kdray.models import Student
 from kdray.models.tiny import save_tiny_checkpoint, tiny_causal_lm
 from kdray.teacher import Teacher
 from kdray.train import StepConfig, to_tensors, train_step
@@ -110,7 +111,7 @@ def run_onpolicy(teacher, term, steps, lr, repeats=1):
         batch = sampled_batch(
             rows, samples, lambda s, n: teacher.score(s, prompt_lengths=n), tok.pad_token_id
         )
-        logs.append(train_step(student, None, opt, objective, [to_tensors(batch)], StepConfig()))
+        logs.append(train_step(Student(student), opt, objective, [to_tensors(batch)], StepConfig()))
     return before, onpolicy_rkl(student, teacher, prompts), logs
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from kdray.losses import Term, build_objective
-from kdray.models import RewardHead
+from kdray.models import RewardHead, Student
 from kdray.models.tiny import save_tiny_checkpoint, tiny_causal_lm
 from kdray.teacher import Teacher
 from kdray.train import (
@@ -59,13 +59,13 @@ def test_identical_student_and_teacher_give_zero_divergence(tmp_path):
     resp = sig["mask"].copy()
     batch = to_tensors({"input_ids": ids, "attention_mask": attn, "response_mask": resp, **sig})
     model = teacher.backend.model
-    logits, loss_batch = student_forward(model, None, batch, teacher.vocab_size)
+    logits, loss_batch = student_forward(Student(model), batch, teacher.vocab_size)
     objective = build_objective([Term("forward_kl"), Term("reverse_kl")])
     _, logs = objective(logits, loss_batch, teacher_signal(batch), num_tokens=None)
     assert logs["forward_kl"] < 1e-5 and logs["reverse_kl"] < 1e-5
     # and a different student is far from it: the alignment is what makes the zero
     other = tiny_causal_lm(len(teacher.tokenizer), hidden_size=32, num_layers=2, seed=99)
-    logits, loss_batch = student_forward(other, None, batch, teacher.vocab_size)
+    logits, loss_batch = student_forward(Student(other), batch, teacher.vocab_size)
     assert objective(logits, loss_batch, teacher_signal(batch))[1]["forward_kl"] > 1e-3
 
 
@@ -77,9 +77,9 @@ def test_gradient_accumulation_equals_one_big_batch():
     results = []
     for micro in ([full], halves):
         torch.manual_seed(0)
-        student, head = tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=2), RewardHead(32)
-        opt = torch.optim.SGD([*student.parameters(), *head.parameters()], lr=0.5)
-        logs = train_step(student, head, opt, objective, micro, StepConfig(grad_clip=None))
+        student = Student(tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=2), RewardHead(32))
+        opt = torch.optim.SGD(student.parameters(), lr=0.5)
+        logs = train_step(student, opt, objective, micro, StepConfig(grad_clip=None))
         results.append(([p.detach().clone() for p in student.parameters()], logs))
     for a, b in zip(results[0][0], results[1][0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -102,24 +102,29 @@ def _ddp_worker(rank, world, port, full, state, out_path):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     student = tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=2)
     student.load_state_dict(state)
-    ddp = torch.nn.parallel.DistributedDataParallel(student)
+    torch.manual_seed(0)  # the reward head's init: the same draw as in the single-worker reference
+    ddp = torch.nn.parallel.DistributedDataParallel(Student.with_reward_head(student))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
     # unequal shards: rank 0 gets 5 rows, rank 1 gets 3, so per-shard means would be wrong
     rows = slice(0, 5) if rank == 0 else slice(5, 8)
     shard = {k: v[rows] for k, v in full.items()}
-    train_step(ddp, None, opt, build_objective([Term("forward_kl")]), [shard], StepConfig(grad_clip=None))
+    objective = build_objective([Term("xkd", 1.0, {"divergence": "forward_kl"})])
+    train_step(ddp, opt, objective, [shard], StepConfig(grad_clip=None))
     if rank == 0:
-        torch.save(student.state_dict(), out_path)
+        torch.save(ddp.module.state_dict(), out_path)
     torch.distributed.destroy_process_group()
 
 
 def test_two_ddp_workers_equal_one_worker_with_the_whole_batch(tmp_path):
     teacher = tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=1)
     full = with_signal(make_batch(3), teacher)
-    student = tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=2)
-    state = copy.deepcopy(student.state_dict())
+    lm = tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=2)
+    state = copy.deepcopy(lm.state_dict())
+    torch.manual_seed(0)  # the reward head's init: the same draw as in the workers
+    student = Student.with_reward_head(lm)
     opt = torch.optim.SGD(student.parameters(), lr=0.5)
-    train_step(student, None, opt, build_objective([Term("forward_kl")]), [full], StepConfig(grad_clip=None))
+    objective = build_objective([Term("xkd", 1.0, {"divergence": "forward_kl"})])
+    train_step(student, opt, objective, [full], StepConfig(grad_clip=None))
     out = tmp_path / "rank0.pt"
     mp.start_processes(
         _ddp_worker, args=(2, _free_port(), full, state, str(out)), nprocs=2, start_method="spawn"
@@ -133,18 +138,18 @@ def test_non_finite_step_is_skipped_then_reported():
     teacher = tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=1)
     bad = with_signal(make_batch(0), teacher)
     bad["teacher_logits"][0, 4, 0] = float("nan")  # one NaN teacher logit poisons its row
-    student = tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=2)
+    student = Student(tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=2))
     before = [p.detach().clone() for p in student.parameters()]
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
     cfg = StepConfig(max_bad_steps=3)
     objective = build_objective([Term("forward_kl"), Term("ce", 0.1)])
     for _ in range(2):
-        logs = train_step(student, None, opt, objective, [bad], cfg)
+        logs = train_step(student, opt, objective, [bad], cfg)
         assert logs["skipped"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps.*forward_kl"):
-        train_step(student, None, opt, objective, [bad], cfg)
+        train_step(student, opt, objective, [bad], cfg)
     good = with_signal(make_batch(1), teacher)
     cfg.bad_steps = 0
-    assert train_step(student, None, opt, objective, [good], cfg)["skipped"] == 0.0
+    assert train_step(student, opt, objective, [good], cfg)["skipped"] == 0.0
     assert not all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))

@@ -67,22 +67,21 @@ def teacher_signal(batch: Mapping[str, Tensor], vocab_size: int | None = None) -
 
 
 def student_forward(
-    model: Any, head: Any, batch: Mapping[str, Tensor], vocab_size: int | None = None
+    student: Any, batch: Mapping[str, Tensor], vocab_size: int | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Student logits (B, L-1, V) and the loss batch (targets, mask, and the reward head's μ, log σ)."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        output_hidden_states=head is not None,
-    )
-    logits = out.logits[:, :-1]
+    """Student logits (B, L-1, V) and the loss batch (targets, mask, and the reward head's μ, log σ).
+
+    `student` is a `kdray.models.Student` (possibly DDP-wrapped): calling it, not its parts, is what
+    makes DDP synchronise the LM's and the head's gradients.
+    """
+    logits, mu, log_sigma = student(batch["input_ids"], batch.get("attention_mask"))
+    logits = logits[:, :-1]
     if vocab_size is not None:
         logits = logits[..., :vocab_size]  # padded heads: only the tokenizer's ids are tokens
     loss_batch = {"target_ids": batch["input_ids"][:, 1:], "mask": loss_mask(batch)}
     loss_batch.update({k: batch[k][:, 1:] for k in SAMPLE_KEYS if k in batch})
-    if head is not None:
-        mu, log_sigma = head(out.hidden_states[-1][:, :-1])
-        loss_batch.update(reward_mu=mu, reward_log_sigma=log_sigma)
+    if mu is not None:
+        loss_batch.update(reward_mu=mu[:, :-1], reward_log_sigma=log_sigma[:, :-1])
     return logits, loss_batch
 
 
@@ -130,8 +129,7 @@ def _all_finite(value: bool) -> bool:
 
 
 def train_step(
-    model: Any,
-    head: Any,
+    student: Any,
     optimizer: torch.optim.Optimizer,
     objective: Objective,
     micro_batches: Sequence[Mapping[str, Tensor]],
@@ -151,7 +149,7 @@ def train_step(
     totals: dict[str, float] = {}
     finite = True
     for mb in micro_batches:
-        logits, loss_batch = student_forward(model, head, mb, cfg.vocab_size)
+        logits, loss_batch = student_forward(student, mb, cfg.vocab_size)
         loss, logs = objective(
             logits,
             loss_batch,
