@@ -249,7 +249,11 @@ class ObjectiveConfig:
     sampling_temperature: float = 1.0
     """Temperature of student sampling for on-policy batches."""
     max_new_tokens: int = 64
-    """Maximum length of student samples."""
+    """Maximum length of student samples and of teacher generations."""
+    teacher_generations: bool = False
+    """Train on teacher-generated responses instead of the data's (always on for `seqkd`)."""
+    generation_temperature: float = 0.0
+    """Temperature of teacher generations for `teacher_generations`; 0 = greedy."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "terms", tuple(self.terms))  # a list from Python code would break ==
@@ -257,6 +261,7 @@ class ObjectiveConfig:
         _between(self, "on_policy_fraction", 0.0, 1.0)
         _at_least(self, "sampling_temperature", 0, strict=True)
         _at_least(self, "max_new_tokens", 1)
+        _at_least(self, "generation_temperature", 0)
 
 
 @dataclass(frozen=True)

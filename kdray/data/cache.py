@@ -1,0 +1,113 @@
+"""The teacher-signal cache: scored data written once as parquet, read back by later runs and Tune trials.
+
+Keyed by everything that changes the signal (ARCHITECTURE.md): teacher id + revision, tokenizer, k,
+temperature, the data, and the package version. A cache entry counts only once its `_SUCCESS` file
+exists, written after every row landed, so an interrupted write is never read as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+SIGNAL_COLUMNS = ("topk_ids", "topk_logprobs", "token_logprobs")
+
+
+def fingerprint(items: Iterable[Any]) -> str:
+    """sha256 over the JSON of each item, in order."""
+    h = hashlib.sha256()
+    for item in items:
+        h.update(json.dumps(item, sort_keys=True, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identity of a tokenizer by its vocabulary (ids and pieces) and chat template."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return fingerprint([vocab, getattr(tokenizer, "chat_template", None)])
+
+
+def signal_cache_key(
+    *,
+    teacher: str,
+    revision: str | None,
+    tokenizer: str,
+    top_k: int | None,
+    temperature: float,
+    data: str,
+    version: str,
+) -> str:
+    """The cache key: a short hash of every input that changes the teacher signal."""
+    parts = {
+        "teacher": teacher,
+        "revision": revision,
+        "tokenizer": tokenizer,
+        "top_k": top_k,
+        "temperature": temperature,
+        "data": data,
+        "version": version,
+    }
+    return fingerprint([parts])[:20]
+
+
+def _compact_batch(batch: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
+    from kdray.teacher.signal_store import compact
+
+    return compact(batch, vocab_size)
+
+
+def _expand_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    from kdray.teacher.signal_store import expand
+
+    return expand(batch)
+
+
+class SignalCache:
+    """A directory of cache entries, one per key."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+
+    def path(self, key: str) -> Path:
+        """Where entry `key` lives."""
+        return self.root / key
+
+    def complete(self, key: str) -> bool:
+        """True when entry `key` was written to the end."""
+        return (self.path(key) / "_SUCCESS").is_file()
+
+    def metadata(self, key: str) -> dict[str, Any]:
+        """What was recorded with the entry (row count, teacher, k, ...)."""
+        return json.loads((self.path(key) / "_SUCCESS").read_text())
+
+    def write(self, ds: Any, key: str, *, vocab_size: int, meta: Mapping[str, Any] | None = None) -> int:
+        """Write a scored dataset (compact: uint16/int32 ids, float16 log-probs); returns the row count."""
+        final, tmp = self.path(key), self.root / f".{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        stored = ds.map_batches(_compact_batch, fn_kwargs={"vocab_size": vocab_size}, batch_size=None)
+        stored.write_parquet(str(tmp))
+        # count from the parquet footers: ds.count() would run the teacher over the data a second time
+        import pyarrow.parquet as pq
+
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.glob("*.parquet"))
+        (tmp / "_SUCCESS").write_text(json.dumps({"rows": rows, "key": key, **(meta or {})}, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return rows
+
+    def read(self, key: str) -> Any:
+        """The cached scored dataset, with the wire dtypes restored, through the same interface as live
+        scoring (a Ray Dataset with the same columns)."""
+        import ray.data
+
+        if not self.complete(key):
+            raise FileNotFoundError(
+                f"no complete teacher-signal cache entry {key!r} under {self.root} (missing {self.path(key)}/_SUCCESS)"
+            )
+        ds = ray.data.read_parquet(str(self.path(key)), file_extensions=["parquet"])
+        return ds.map_batches(_expand_batch, batch_size=None)

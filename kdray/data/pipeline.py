@@ -1,0 +1,152 @@
+"""The Ray Data side of a run: records -> (teacher generations) -> tokens -> streaming teacher signal.
+
+Nothing here materialises the dataset: the teacher scores blocks as the training workers pull them, so
+the students start as soon as the first blocks are scored. The teacher runs as `map_batches` actors on
+its own resources (GPUs, or a custom `teacher` resource that cluster configs give to teacher nodes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _ray_data() -> Any:
+    import ray.data
+
+    return ray.data
+
+
+def deterministic_order() -> None:
+    """Keep block order through the pipeline and the streaming split, so every worker's k-th batch
+    holds the same rows in every run: a 2-worker run then sees the global batches of a 1-worker run."""
+    ctx = _ray_data().DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+
+
+def records_dataset(records: Sequence[Mapping[str, Any]], *, block_rows: int) -> Any:
+    """A dataset of example records, cut into blocks of `block_rows` rows (one micro-batch each)."""
+    n_blocks = max(1, -(-len(records) // block_rows))
+    return _ray_data().from_items(list(records), override_num_blocks=n_blocks)
+
+
+class TeacherScorer:
+    """`map_batches` callable: a Teacher attaching its signal, plus the time each batch was scored.
+
+    The timestamp column is how a run measures that training overlapped the teacher pass (the share of
+    rows scored before the first optimisation step).
+    """
+
+    def __init__(self, **teacher_kwargs: Any) -> None:
+        from kdray.teacher import Teacher
+
+        self.teacher = Teacher(**teacher_kwargs)
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        out = self.teacher(batch)
+        out.pop("mask", None)  # the batch's own response_mask already says which tokens count
+        out["teacher_scored_at"] = np.full(len(batch["input_ids"]), time.time())
+        return out
+
+
+class TeacherGenerator:
+    """`map_batches` callable for SeqKD data: replaces each row's response with the teacher's output."""
+
+    def __init__(
+        self, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, **teacher_kwargs: Any
+    ) -> None:
+        from kdray.teacher import Teacher
+
+        self.teacher = Teacher(**teacher_kwargs)
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        prompts = [str(p) for p in batch["prompt"]]
+        outs = self.teacher.generate(
+            prompts, n=1, temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed
+        )
+        return {**batch, "response": np.array([o[0]["text"] for o in outs], dtype=object)}
+
+
+def _actor_options(num_cpus: float, num_gpus: float, resources: Mapping[str, float] | None) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        options["num_gpus"] = num_gpus
+    if resources:
+        options["resources"] = dict(resources)
+    return options
+
+
+def tokenized(
+    ds: Any,
+    tokenizer: str,
+    *,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    chat_template: bool,
+    batch_size: int,
+) -> Any:
+    """Tokenize prompt/response columns with the model's chat template and a response mask."""
+    from kdray.data.tokenize import Tokenize
+
+    return ds.map_batches(
+        Tokenize,
+        fn_constructor_args=(tokenizer,),
+        fn_constructor_kwargs={
+            "max_prompt_tokens": max_prompt_tokens,
+            "max_response_tokens": max_response_tokens,
+            "chat_template": chat_template,
+        },
+        batch_size=batch_size,
+        compute=_ray_data().ActorPoolStrategy(size=1),
+        num_cpus=0.25,  # tokenisation is light; leave the cores to the teacher and the students
+    )
+
+
+def with_teacher_signal(
+    ds: Any,
+    teacher_kwargs: Mapping[str, Any],
+    *,
+    batch_size: int,
+    replicas: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    resources: Mapping[str, float] | None = None,
+) -> Any:
+    """Attach the teacher signal, streaming, from `replicas` teacher actors on the teacher's resources."""
+    return ds.map_batches(
+        TeacherScorer,
+        fn_constructor_kwargs=dict(teacher_kwargs),
+        batch_size=batch_size,
+        compute=_ray_data().ActorPoolStrategy(size=replicas),
+        **_actor_options(num_cpus, num_gpus, resources),
+    )
+
+
+def with_teacher_generations(
+    ds: Any,
+    teacher_kwargs: Mapping[str, Any],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    replicas: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    resources: Mapping[str, float] | None = None,
+) -> Any:
+    """Replace responses by teacher generations (SeqKD, sequence-level X-KD on teacher outputs)."""
+    return ds.map_batches(
+        TeacherGenerator,
+        fn_constructor_kwargs={
+            **teacher_kwargs,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+        },
+        batch_size=batch_size,
+        compute=_ray_data().ActorPoolStrategy(size=replicas),
+        **_actor_options(num_cpus, num_gpus, resources),
+    )

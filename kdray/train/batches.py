@@ -1,0 +1,83 @@
+"""Batches as the training worker sees them: regular arrays, a resumable stream, prompts for sampling.
+
+Ray Data hands out object arrays of rows when a batch spans blocks padded to different widths; the
+worker turns every per-token column back into one padded array and trims padding-only columns.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+#: per-token columns: (B, T) or (B, T, k), aligned with the input tokens
+TOKEN_COLUMNS = (
+    "input_ids",
+    "attention_mask",
+    "response_mask",
+    "topk_ids",
+    "topk_logprobs",
+    "token_logprobs",
+    "teacher_logits",
+    "old_logprobs",
+    "mix_logprobs",
+)
+
+
+def _stack(column: Any, width: int, fill: Any) -> np.ndarray:
+    rows = [np.asarray(r) for r in column]
+    first = rows[0]
+    out = np.full((len(rows), width, *first.shape[1:]), fill, dtype=first.dtype)
+    for i, r in enumerate(rows):
+        n = min(len(r), width)
+        out[i, :n] = r[:n]
+    return out
+
+
+def regularize_batch(batch: Mapping[str, Any], pad_id: int) -> dict[str, Any]:
+    """Every per-token column as one array of width max(real tokens); other columns unchanged."""
+    lengths = [int(np.asarray(a, bool).sum()) for a in batch["attention_mask"]]
+    width = max(lengths) if lengths else 0
+    out = dict(batch)
+    for key in TOKEN_COLUMNS:
+        if key in batch:
+            fill = pad_id if key == "input_ids" else 0
+            out[key] = _stack(batch[key], width, fill)
+    return out
+
+
+def micro_batches(
+    shard: Any, batch_size: int, pad_id: int, *, skip: int = 0, max_epochs: int = 1000
+) -> Iterator[dict[str, Any]]:
+    """Micro-batches of `batch_size` rows from a Ray Data shard, epoch after epoch, skipping the first
+    `skip` (the data position stored in a checkpoint, so a resumed run sees exactly the rows an
+    uninterrupted one would). `drop_last` keeps every worker's step count equal.
+    """
+
+    def epochs() -> Iterator[dict[str, Any]]:
+        for epoch in range(max_epochs):
+            count = 0
+            for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+                count += 1
+                yield regularize_batch(batch, pad_id)
+            if count == 0:
+                raise RuntimeError(
+                    f"this worker's data shard yielded no batch of {batch_size} rows in epoch {epoch}: the dataset "
+                    "is empty or smaller than train.batch_size x train.num_workers"
+                )
+
+    return itertools.islice(epochs(), skip, None)
+
+
+def prompts_of(batch: Mapping[str, Any]) -> list[list[int]]:
+    """Each row's prompt tokens: everything before its first response token."""
+    prompts = []
+    for ids, resp, attn in zip(
+        batch["input_ids"], batch["response_mask"], batch["attention_mask"], strict=True
+    ):
+        resp = np.asarray(resp, bool)
+        start = int(np.argmax(resp)) if resp.any() else int(np.asarray(attn, bool).sum())
+        prompts.append([int(t) for t in np.asarray(ids)[:start]])
+    return prompts

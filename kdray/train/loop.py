@@ -1,0 +1,293 @@
+"""`train_loop_per_worker`: the student's training loop inside a Ray Train worker.
+
+It reads its data shard, runs `train_step` (pure), swaps in on-policy batches when the method asks for
+them (scored by the TeacherPool's actors), evaluates, checkpoints every N steps with the data position
+and every piece of method state, and resumes from the latest checkpoint after a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdray.losses import build_objective
+from kdray.losses.taid import TAIDSchedule
+from kdray.models import Student
+from kdray.models.build import build_student, export_student
+from kdray.train.batches import micro_batches
+from kdray.train.onpolicy import AdaptiveOffPolicy, ReplayBuffer
+from kdray.train.sampler import OnPolicySource
+from kdray.train.schedule import lr_lambda
+from kdray.train.step import StepConfig, to_tensors, train_step
+
+HEAD_TERMS = frozenset({"xkd"})
+
+
+@dataclass
+class LoopSpec:
+    """Everything a worker needs, flat and picklable (built from the config by `trainer.py`)."""
+
+    student: dict[str, Any]
+    terms: list[dict[str, Any]]
+    method: str = "xkd"
+    on_policy_fraction: float = 0.0
+    sampling_temperature: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_steps: int = 100
+    lr_schedule: str = "cosine"
+    grad_clip: float | None = 1.0
+    checkpoint_every: int = 50
+    eval_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    loss_chunk_size: int | None = None
+    use_gpu: bool = False
+    metrics_path: str | None = None
+    export_path: str | None = None
+    teacher_handles: list[Any] = field(default_factory=list)
+
+
+class _State:
+    """Method state that lives across steps and goes into checkpoints."""
+
+    def __init__(self, spec: LoopSpec) -> None:
+        names = {t["name"] for t in spec.terms}
+        self.step, self.consumed = 0, 0
+        self.taid = TAIDSchedule(spec.max_steps) if "taid" in names else None
+        self.adaptive = AdaptiveOffPolicy() if spec.method == "distillm" else None
+        self.replay = ReplayBuffer(seed=spec.seed) if spec.method == "distillm" else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "consumed": self.consumed,
+            "taid": self.taid.state_dict() if self.taid else None,
+            "adaptive": self.adaptive.state_dict() if self.adaptive else None,
+            "replay": self.replay.state_dict() if self.replay else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.consumed = state["step"], state["consumed"]
+        for name in ("taid", "adaptive", "replay"):
+            if getattr(self, name) is not None and state.get(name) is not None:
+                getattr(self, name).load_state_dict(state[name])
+
+
+def _device(use_gpu: bool) -> torch.device:
+    if use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _build(spec: LoopSpec, device: torch.device) -> tuple[Student, Any, Any, Any]:
+    lm, tokenizer = build_student(**spec.student, device=str(device), seed=spec.seed)
+    torch.manual_seed(spec.seed)  # the reward head's init, identical on every worker
+    needs_head = any(t["name"] in HEAD_TERMS for t in spec.terms)
+    student = Student.with_reward_head(lm) if needs_head else Student(lm)
+    student.to(device)
+    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(spec.lr_schedule, spec.warmup_steps, spec.max_steps)
+    )
+    return student, tokenizer, optimizer, scheduler
+
+
+def _restore(student: Student, optimizer: Any, scheduler: Any, state: _State) -> None:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as directory:
+        saved = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=False)
+    student.load_state_dict(saved["student"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    state.load_state_dict(saved["loop"])
+    torch.set_rng_state(saved["torch_rng"])
+
+
+def _checkpoint(student: Student, optimizer: Any, scheduler: Any, state: _State, rank: int) -> Any:
+    """Rank 0 writes the checkpoint; the other ranks report none (Ray merges them into one)."""
+    from ray.train import Checkpoint
+
+    if rank != 0:
+        return None
+    directory = tempfile.mkdtemp(prefix="kdray-ckpt-")
+    torch.save(
+        {
+            "student": student.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "loop": state.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        Path(directory) / "state.pt",
+    )
+    return Checkpoint.from_directory(directory)
+
+
+def _all_reduce_sum(values: dict[str, float], keys: list[str]) -> dict[str, float]:
+    """Each worker's loss terms are its share of the global mean: their sum is the global value."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {**values, **dict(zip(keys, t.tolist(), strict=True))}
+
+
+def _eval_loss(student: Student, shard: Any, pad_id: int, batch_size: int, device: torch.device) -> float:
+    """Held-out token cross-entropy, summed over workers then divided by the global token count."""
+    from kdray.losses.signal import token_cross_entropy
+    from kdray.train.step import loss_mask, student_forward
+
+    total, count = 0.0, 0
+    student.eval()
+    with torch.no_grad():
+        for batch in micro_batches(shard, batch_size, pad_id, max_epochs=1):
+            tensors = to_tensors(batch, device)
+            logits, lb = student_forward(student, tensors)
+            ce = token_cross_entropy(logits, lb["target_ids"])
+            mask = loss_mask(tensors)
+            total += float(ce[mask].sum())
+            count += int(mask.sum())
+    student.train()
+    summed = _all_reduce_sum({"s": total, "n": float(count)}, ["s", "n"])
+    return summed["s"] / max(summed["n"], 1.0)
+
+
+def _log(spec: LoopSpec, rank: int, metrics: dict[str, float]) -> None:
+    """Rank 0 appends one JSON line per logged step; steps replayed after a failure are logged again with
+    the same step number, and readers keep the last line per step."""
+    if rank == 0 and spec.metrics_path:
+        Path(spec.metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(spec.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; `config` is `spec_to_config(LoopSpec(...))`."""
+    _Loop(LoopSpec(**config)).run()
+
+
+def _unwrap(student: Any) -> Student:
+    return getattr(student, "module", student)
+
+
+class _Loop:
+    """One worker's training run: built once, then `run()` steps until `max_steps`."""
+
+    def __init__(self, spec: LoopSpec) -> None:
+        import ray.train
+
+        self.spec = spec
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.device = _device(spec.use_gpu)
+        self.student, self.tokenizer, self.optimizer, self.scheduler = _build(spec, self.device)
+        self.state = _State(spec)
+        _restore(self.student, self.optimizer, self.scheduler, self.state)
+        if context.get_world_size() > 1:
+            self.student = ray.train.torch.prepare_model(self.student, parallel_strategy="ddp")
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.objective = build_objective(spec.terms)
+        self.step_cfg = StepConfig(
+            grad_clip=spec.grad_clip, chunk_size=spec.loss_chunk_size, vocab_size=len(tok)
+        )
+        self.stream = micro_batches(
+            ray.train.get_dataset_shard("train"), spec.batch_size, self.pad_id,
+            skip=self.state.consumed * spec.grad_accum,
+        )  # fmt: skip
+        self.eval_shard = ray.train.get_dataset_shard("eval")
+        self.source = OnPolicySource(spec, self.state, _unwrap(self.student), tok, self.rank)
+        self.first_step_at: float | None = None
+        self.scored_before_first_step = 0  # rows the teacher had scored when training began
+
+    def run(self) -> None:
+        spec, state = self.spec, self.state
+        while state.step < spec.max_steps:
+            micro = [next(self.stream) for _ in range(spec.grad_accum)]
+            micro = self.source.maybe_replace(state.step + 1, micro)
+            self.first_step_at = self.first_step_at or time.time()
+            self.scored_before_first_step += sum(
+                int((np.asarray(m["teacher_scored_at"]) <= self.first_step_at).sum())
+                for m in micro
+                if "teacher_scored_at" in m
+            )
+            started = time.perf_counter()
+            runtime = {"taid": {"t": state.taid.t}} if state.taid else None
+            tensors = [to_tensors(m, self.device) for m in micro]
+            logs = train_step(
+                self.student, self.optimizer, self.objective, tensors, self.step_cfg, runtime=runtime
+            )
+            self.scheduler.step()
+            state.step, state.consumed = state.step + 1, state.consumed + 1
+            if state.taid:
+                state.taid.update(state.step, logs["loss"])
+            tokens = sum(int(np.asarray(m["attention_mask"]).sum()) for m in micro)
+            self._report(logs, tokens / max(time.perf_counter() - started, 1e-9))
+        if self.rank == 0 and spec.export_path:
+            export_student(_unwrap(self.student), self.tokenizer, spec.export_path)
+
+    def _report(self, logs: dict[str, float], tokens_per_s: float) -> None:
+        """Metrics every `log_every` steps and at eval/checkpoint steps; every decision here depends on
+        the step only, because `ray.train.report` is a barrier that every rank must reach together."""
+        import ray.train
+
+        spec, state = self.spec, self.state
+        step, last = state.step, state.step == spec.max_steps
+        eval_now = self.eval_shard is not None and (step % spec.eval_every == 0 or last)
+        ckpt_now = step % spec.checkpoint_every == 0 or last
+        logs = {**logs, "rows_scored_before_first_step": float(self.scored_before_first_step)}
+        term_keys = sorted(k for k in logs if k not in ("grad_norm", "num_tokens", "skipped"))
+        metrics = {**_all_reduce_sum(logs, term_keys), "step": step, "lr": self.scheduler.get_last_lr()[0]}
+        metrics.update(
+            tokens_per_s=tokens_per_s,
+            consumed_rows=state.consumed * spec.grad_accum * spec.batch_size,
+            first_step_at=self.first_step_at,
+            **self.source.metrics(),
+        )
+        if eval_now:
+            metrics["eval_loss"] = _eval_loss(
+                _unwrap(self.student), self.eval_shard, self.pad_id, spec.batch_size, self.device
+            )
+            if state.adaptive is not None:
+                metrics["student_data_prob"] = state.adaptive.update(metrics["eval_loss"])
+        if not (ckpt_now or eval_now or step % spec.log_every == 0):
+            return
+        checkpoint = (
+            _checkpoint(_unwrap(self.student), self.optimizer, self.scheduler, state, self.rank)
+            if ckpt_now
+            else None
+        )
+        _log(spec, self.rank, metrics)
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+def spec_to_config(spec: LoopSpec) -> dict[str, Any]:
+    """The dict handed to TorchTrainer: the spec's fields, actor handles passed through as they are."""
+    return {f.name: getattr(spec, f.name) for f in fields(spec)}

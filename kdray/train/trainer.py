@@ -1,0 +1,233 @@
+"""Driver-side glue: a config and data records in, a Ray Train run of the student out.
+
+Builds the Ray Data pipeline (tokens, teacher generations or the streaming teacher signal, or a signal
+cache), the TeacherPool for on-policy methods, and a TorchTrainer whose workers run
+`train_loop_per_worker`. Reads the run's metrics back as a per-step history.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdray.train.loop import LoopSpec, spec_to_config, train_loop_per_worker
+from kdray.train.sampler import ON_POLICY_METHODS
+
+#: methods that train on teacher-generated responses
+GENERATION_METHODS = frozenset({"seqkd"})
+
+
+@dataclass
+class DistillRun:
+    """What a run produced: Ray's result, the per-step metrics, the exported student."""
+
+    result: Any
+    history: list[dict[str, Any]]
+    export_path: Path | None
+    metrics_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last logged metrics."""
+        return self.history[-1] if self.history else {}
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """Per-step metrics, one dict per logged step; a step replayed after a failure keeps its last line."""
+    by_step: dict[int, dict[str, Any]] = {}
+    p = Path(path)
+    if p.exists():
+        for line in p.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def teacher_kwargs(cfg: Any, teacher_path: str) -> dict[str, Any]:
+    """Teacher constructor arguments from the `teacher` section, with the resolved model path."""
+    t = cfg.teacher
+    return {
+        "name_or_path": teacher_path,
+        "backend": t.backend,
+        "revision": t.revision,
+        "gguf_file": t.gguf_file,
+        "top_k": t.top_k,
+        "temperature": t.temperature,
+        "batch_size": t.batch_size,
+        "dtype": t.dtype,
+        "truncate": t.truncate,
+        "chat_template": cfg.data.chat_template,
+    }
+
+
+def loop_spec(
+    cfg: Any, *, teacher_path: str | None, metrics_path: Path, export_path: Path | None
+) -> LoopSpec:
+    """The flat worker spec of a config."""
+    m, o, t = cfg.model, cfg.objective, cfg.train
+    return LoopSpec(
+        student={
+            "name_or_path": m.name_or_path,
+            "init": m.init,
+            "teacher_path": teacher_path,
+            "keep_every": m.keep_every,
+            "tiny_layers": m.tiny_layers,
+            "tiny_hidden": m.tiny_hidden,
+            "tiny_vocab": m.tiny_vocab,
+            "revision": m.revision,
+            "gguf_file": m.gguf_file,
+            "dtype": m.dtype,
+        },
+        terms=[{"name": x.name, "weight": x.weight, "params": dict(x.params)} for x in o.terms],
+        method=o.method,
+        on_policy_fraction=o.on_policy_fraction,
+        sampling_temperature=o.sampling_temperature,
+        max_new_tokens=o.max_new_tokens,
+        batch_size=t.batch_size,
+        grad_accum=t.grad_accum,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        max_steps=t.max_steps,
+        lr_schedule=t.lr_schedule,
+        grad_clip=t.grad_clip,
+        checkpoint_every=t.checkpoint_every,
+        eval_every=t.eval_every,
+        log_every=cfg.tracking.log_every,
+        seed=t.seed,
+        loss_chunk_size=t.loss_chunk_size,
+        use_gpu=t.use_gpu,
+        metrics_path=str(metrics_path),
+        export_path=str(export_path) if export_path else None,
+    )
+
+
+def needs_signal(cfg: Any) -> bool:
+    """Off-policy batches carry a teacher signal unless every term works from the data alone."""
+    from kdray.losses import build_objective
+
+    if cfg.objective.method == "minillm" or cfg.objective.on_policy_fraction >= 1.0:
+        return False  # every batch is sampled and scored on the fly
+    return build_objective(cfg.objective.terms).needs_teacher
+
+
+def needs_pool(cfg: Any) -> bool:
+    """On-policy batches are scored by a TeacherPool from inside the training loop."""
+    return cfg.objective.on_policy_fraction > 0 or cfg.objective.method in ON_POLICY_METHODS
+
+
+def build_datasets(
+    cfg: Any,
+    train_records: Sequence[Mapping[str, Any]],
+    eval_records: Sequence[Mapping[str, Any]],
+    *,
+    teacher_path: str | None,
+    tokenizer_path: str,
+    signal_dataset: Any = None,
+) -> tuple[Any, Any]:
+    """(train, eval) Ray Datasets. `signal_dataset` (e.g. read from the signal cache) replaces scoring."""
+    from kdray.data import pipeline
+
+    pipeline.deterministic_order()
+    rows = cfg.train.batch_size
+    tok = {
+        "max_prompt_tokens": cfg.data.max_prompt_tokens,
+        "max_response_tokens": cfg.data.max_response_tokens,
+        "chat_template": cfg.data.chat_template,
+        "batch_size": rows,
+    }
+    eval_ds = pipeline.tokenized(
+        pipeline.records_dataset(eval_records, block_rows=rows), tokenizer_path, **tok
+    )
+    if signal_dataset is not None:
+        return signal_dataset, eval_ds
+    train = pipeline.records_dataset(train_records, block_rows=rows)
+    t = cfg.teacher
+    placement = {
+        "replicas": t.replicas,
+        "num_cpus": t.num_cpus,
+        "num_gpus": t.num_gpus,
+        "resources": t.resources,
+    }
+    if cfg.objective.method in GENERATION_METHODS or cfg.objective.teacher_generations:
+        train = pipeline.with_teacher_generations(
+            train, teacher_kwargs(cfg, _require(teacher_path)), batch_size=rows, **placement,
+            max_new_tokens=cfg.objective.max_new_tokens, temperature=cfg.objective.generation_temperature,
+        )  # fmt: skip
+    train = pipeline.tokenized(train, tokenizer_path, **tok)
+    if needs_signal(cfg):
+        train = pipeline.with_teacher_signal(
+            train, teacher_kwargs(cfg, _require(teacher_path)), batch_size=rows, **placement
+        )
+    return train, eval_ds
+
+
+def _require(teacher_path: str | None) -> str:
+    if not teacher_path:
+        raise ValueError(
+            "this method needs a teacher, but no teacher model path was given (teacher.name_or_path)"
+        )
+    return teacher_path
+
+
+def distill(
+    cfg: Any,
+    train_records: Sequence[Mapping[str, Any]],
+    eval_records: Sequence[Mapping[str, Any]],
+    *,
+    workdir: str | Path,
+    teacher_path: str | None = None,
+    name: str = "distill",
+    signal_dataset: Any = None,
+    export: bool = True,
+) -> DistillRun:
+    """Train the student of `cfg` on the records with Ray Train; resumes from `workdir` if interrupted."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    workdir = Path(workdir).resolve()
+    metrics_path = workdir / name / "metrics.jsonl"
+    export_path = workdir / name / "student" if export else None
+    tokenizer_path = teacher_path if teacher_path else cfg.model.name_or_path
+    train_ds, eval_ds = build_datasets(
+        cfg, train_records, eval_records, teacher_path=teacher_path, tokenizer_path=tokenizer_path,
+        signal_dataset=signal_dataset,
+    )  # fmt: skip
+    spec = loop_spec(cfg, teacher_path=teacher_path, metrics_path=metrics_path, export_path=export_path)
+    pool = None
+    if needs_pool(cfg):
+        from kdray.teacher import TeacherPool
+
+        pool = TeacherPool.from_config(
+            cfg.teacher, name=f"{name}-teacher", teacher_overrides=_pool_overrides(cfg, teacher_path)
+        )
+        pool.wait_ready()
+        spec.teacher_handles = pool.handles
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec_to_config(spec),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(workdir / "ray_train"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train_ds, "eval": eval_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "eval"]),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        if pool is not None:
+            pool.close()
+    return DistillRun(result, read_history(metrics_path), export_path, metrics_path)
+
+
+def _pool_overrides(cfg: Any, teacher_path: str | None) -> dict[str, Any]:
+    return {"name_or_path": _require(teacher_path), "chat_template": cfg.data.chat_template}
