@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 SIGNAL_COLUMNS = ("topk_ids", "topk_logprobs", "token_logprobs")
 
 
@@ -55,16 +57,33 @@ def signal_cache_key(
     return fingerprint([parts])[:20]
 
 
+def _per_column(batch: Mapping[str, Any], convert: Any) -> dict[str, Any]:
+    """Apply `convert({key: array})` to each signal column; row by row where Ray hands out an object
+    array of ragged rows (a batch spanning blocks padded to different widths)."""
+    out = dict(batch)
+    for key in SIGNAL_COLUMNS:
+        column = batch.get(key)
+        if column is None:
+            continue
+        if np.asarray(column).dtype == object:
+            rows = np.empty(len(column), dtype=object)
+            rows[:] = [convert({key: np.asarray(r)})[key] for r in column]
+            out[key] = rows
+        else:
+            out[key] = convert({key: column})[key]
+    return out
+
+
 def _compact_batch(batch: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
     from kdray.teacher.signal_store import compact
 
-    return compact(batch, vocab_size)
+    return _per_column(batch, lambda cols: compact(cols, vocab_size))
 
 
 def _expand_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
     from kdray.teacher.signal_store import expand
 
-    return expand(batch)
+    return _per_column(batch, expand)
 
 
 class SignalCache:

@@ -33,22 +33,43 @@ def records_dataset(records: Sequence[Mapping[str, Any]], *, block_rows: int) ->
     return _ray_data().from_items(list(records), override_num_blocks=n_blocks)
 
 
+class TeacherProgress:
+    """A tiny actor counting scored rows over time: how a run measures that training overlapped the
+    teacher pass (rows scored before the first optimisation step, out of all rows)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, int]] = []
+
+    def add(self, rows: int, at: float) -> None:
+        self.events.append((at, rows))
+
+    def rows_before(self, at: float) -> int:
+        return sum(n for t, n in self.events if t <= at)
+
+    def total(self) -> int:
+        return sum(n for _, n in self.events)
+
+
+def progress_actor() -> Any:
+    """A TeacherProgress actor (no CPU reserved: it only appends to a list)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(TeacherProgress).remote()
+
+
 class TeacherScorer:
-    """`map_batches` callable: a Teacher attaching its signal, plus the time each batch was scored.
+    """`map_batches` callable: a Teacher attaching its signal, reporting progress to `progress` if given."""
 
-    The timestamp column is how a run measures that training overlapped the teacher pass (the share of
-    rows scored before the first optimisation step).
-    """
-
-    def __init__(self, **teacher_kwargs: Any) -> None:
+    def __init__(self, progress: Any = None, **teacher_kwargs: Any) -> None:
         from kdray.teacher import Teacher
 
-        self.teacher = Teacher(**teacher_kwargs)
+        self.teacher, self.progress = Teacher(**teacher_kwargs), progress
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         out = self.teacher(batch)
         out.pop("mask", None)  # the batch's own response_mask already says which tokens count
-        out["teacher_scored_at"] = np.full(len(batch["input_ids"]), time.time())
+        if self.progress is not None:
+            self.progress.add.remote(len(batch["input_ids"]), time.time())
         return out
 
 
@@ -115,11 +136,12 @@ def with_teacher_signal(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     resources: Mapping[str, float] | None = None,
+    progress: Any = None,
 ) -> Any:
     """Attach the teacher signal, streaming, from `replicas` teacher actors on the teacher's resources."""
     return ds.map_batches(
         TeacherScorer,
-        fn_constructor_kwargs=dict(teacher_kwargs),
+        fn_constructor_kwargs={**teacher_kwargs, "progress": progress},
         batch_size=batch_size,
         compute=_ray_data().ActorPoolStrategy(size=replicas),
         **_actor_options(num_cpus, num_gpus, resources),

@@ -8,6 +8,7 @@ and every piece of method state, and resumes from the latest checkpoint after a 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -58,6 +59,7 @@ class LoopSpec:
     metrics_path: str | None = None
     export_path: str | None = None
     teacher_handles: list[Any] = field(default_factory=list)
+    teacher_progress: Any = None
 
 
 class _State:
@@ -203,12 +205,12 @@ class _Loop:
 
         self.spec = spec
         context = ray.train.get_context()
-        self.rank = context.get_world_rank()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = _device(spec.use_gpu)
         self.student, self.tokenizer, self.optimizer, self.scheduler = _build(spec, self.device)
         self.state = _State(spec)
         _restore(self.student, self.optimizer, self.scheduler, self.state)
-        if context.get_world_size() > 1:
+        if self.world_size > 1:
             self.student = ray.train.torch.prepare_model(self.student, parallel_strategy="ddp")
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -223,7 +225,6 @@ class _Loop:
         self.eval_shard = ray.train.get_dataset_shard("eval")
         self.source = OnPolicySource(spec, self.state, _unwrap(self.student), tok, self.rank)
         self.first_step_at: float | None = None
-        self.scored_before_first_step = 0  # rows the teacher had scored when training began
 
     def run(self) -> None:
         spec, state = self.spec, self.state
@@ -231,11 +232,6 @@ class _Loop:
             micro = [next(self.stream) for _ in range(spec.grad_accum)]
             micro = self.source.maybe_replace(state.step + 1, micro)
             self.first_step_at = self.first_step_at or time.time()
-            self.scored_before_first_step += sum(
-                int((np.asarray(m["teacher_scored_at"]) <= self.first_step_at).sum())
-                for m in micro
-                if "teacher_scored_at" in m
-            )
             started = time.perf_counter()
             runtime = {"taid": {"t": state.taid.t}} if state.taid else None
             tensors = [to_tensors(m, self.device) for m in micro]
@@ -260,15 +256,23 @@ class _Loop:
         step, last = state.step, state.step == spec.max_steps
         eval_now = self.eval_shard is not None and (step % spec.eval_every == 0 or last)
         ckpt_now = step % spec.checkpoint_every == 0 or last
-        logs = {**logs, "rows_scored_before_first_step": float(self.scored_before_first_step)}
         term_keys = sorted(k for k in logs if k not in ("grad_norm", "num_tokens", "skipped"))
         metrics = {**_all_reduce_sum(logs, term_keys), "step": step, "lr": self.scheduler.get_last_lr()[0]}
         metrics.update(
             tokens_per_s=tokens_per_s,
-            consumed_rows=state.consumed * spec.grad_accum * spec.batch_size,
+            consumed_rows=state.consumed * spec.grad_accum * spec.batch_size * self.world_size,
             first_step_at=self.first_step_at,
+            worker_pid=os.getpid(),  # rank 0's process: where to look when a run misbehaves
             **self.source.metrics(),
         )
+        if last and self.rank == 0 and spec.teacher_progress is not None:
+            import ray
+
+            progress = spec.teacher_progress
+            metrics["teacher_rows_before_first_step"] = ray.get(
+                progress.rows_before.remote(self.first_step_at)
+            )
+            metrics["teacher_rows_scored"] = ray.get(progress.total.remote())
         if eval_now:
             metrics["eval_loss"] = _eval_loss(
                 _unwrap(self.student), self.eval_shard, self.pad_id, spec.batch_size, self.device

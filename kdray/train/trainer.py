@@ -129,8 +129,10 @@ def build_datasets(
     teacher_path: str | None,
     tokenizer_path: str,
     signal_dataset: Any = None,
+    progress: Any = None,
 ) -> tuple[Any, Any]:
-    """(train, eval) Ray Datasets. `signal_dataset` (e.g. read from the signal cache) replaces scoring."""
+    """(train, eval) Ray Datasets. `signal_dataset` (e.g. read from the signal cache) replaces scoring;
+    `progress` (a TeacherProgress actor) counts the rows the teacher scores."""
     from kdray.data import pipeline
 
     pipeline.deterministic_order()
@@ -162,7 +164,11 @@ def build_datasets(
     train = pipeline.tokenized(train, tokenizer_path, **tok)
     if needs_signal(cfg):
         train = pipeline.with_teacher_signal(
-            train, teacher_kwargs(cfg, _require(teacher_path)), batch_size=rows, **placement
+            train,
+            teacher_kwargs(cfg, _require(teacher_path)),
+            batch_size=rows,
+            progress=progress,
+            **placement,
         )
     return train, eval_ds
 
@@ -194,11 +200,15 @@ def distill(
     metrics_path = workdir / name / "metrics.jsonl"
     export_path = workdir / name / "student" if export else None
     tokenizer_path = teacher_path if teacher_path else cfg.model.name_or_path
+    from kdray.data.pipeline import progress_actor
+
+    progress = progress_actor() if signal_dataset is None and needs_signal(cfg) else None
     train_ds, eval_ds = build_datasets(
         cfg, train_records, eval_records, teacher_path=teacher_path, tokenizer_path=tokenizer_path,
-        signal_dataset=signal_dataset,
+        signal_dataset=signal_dataset, progress=progress,
     )  # fmt: skip
     spec = loop_spec(cfg, teacher_path=teacher_path, metrics_path=metrics_path, export_path=export_path)
+    spec.teacher_progress = progress
     pool = None
     if needs_pool(cfg):
         from kdray.teacher import TeacherPool

@@ -1,0 +1,179 @@
+"""Students on Ray Train fed by Ray Data, on a real local Ray: data parallelism, failures, overlap, cache.
+
+One Ray session for the module; every run is a few steps of tiny models on the generated task.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from kdray.config import config_from_dict  # noqa: E402
+from kdray.data import generate_arithmetic  # noqa: E402
+from kdray.models.tiny import save_tiny_checkpoint  # noqa: E402
+from kdray.train.trainer import distill, read_history  # noqa: E402
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    return str(
+        save_tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "t", hidden_size=64, num_layers=2, seed=1)
+    )
+
+
+@pytest.fixture(scope="module")
+def records():
+    return generate_arithmetic(240, seed=0, difficulty=1), generate_arithmetic(
+        16, seed=1, difficulty=1, split="test"
+    )
+
+
+def make_cfg(teacher_path, *, workers=1, global_batch=8, steps=STEPS, **train):
+    return config_from_dict(
+        {
+            "model": {"name_or_path": "tiny", "tiny_layers": 1, "tiny_hidden": 32},
+            "teacher": {"name_or_path": teacher_path, "top_k": 16, "num_cpus": 1, "batch_size": 8},
+            "data": {"max_prompt_tokens": 96, "max_response_tokens": 96},
+            "objective": {
+                "method": "xkd",
+                "terms": [{"name": "xkd", "params": {"divergence": "forward_kl"}}],
+            },
+            "train": {
+                "num_workers": workers,
+                "batch_size": global_batch // workers,
+                "max_steps": steps,
+                "checkpoint_every": 2,
+                "eval_every": 3,
+                "lr": 3e-3,
+                "seed": 0,
+                **train,
+            },
+            "tracking": {"log_every": 1},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def one_worker(ray_session, teacher_path, records, tmp_path_factory):
+    return distill(
+        make_cfg(teacher_path), *records, workdir=tmp_path_factory.mktemp("w1"), teacher_path=teacher_path
+    )
+
+
+def losses(run):
+    return np.array([h["loss"] for h in run.history])
+
+
+def test_run_learns_exports_and_reports_every_step(one_worker):
+    steps = [h["step"] for h in one_worker.history]
+    assert steps == list(range(1, STEPS + 1))
+    assert losses(one_worker)[-1] < losses(one_worker)[0]
+    assert {"xkd/td_nll", "xkd/prior_kl", "xkd/reward_mu", "eval_loss", "lr", "tokens_per_s"} <= set(
+        one_worker.history[2]
+    )
+    assert (one_worker.export_path / "config.json").is_file()
+    assert not any("reward" in p.name for p in one_worker.export_path.iterdir())  # the head is not exported
+
+
+def test_teacher_pass_overlaps_training(ray_session, teacher_path, tmp_path):
+    # a dataset much larger than the run consumes: the teacher streams ahead only as far as Ray Data's
+    # back-pressure lets it, so training starts long before the teacher pass ends
+    train, held_out = (
+        generate_arithmetic(1200, seed=2, difficulty=1),
+        generate_arithmetic(8, seed=3, split="test"),
+    )
+    run = distill(
+        make_cfg(teacher_path, steps=3), train, held_out, workdir=tmp_path, teacher_path=teacher_path
+    )
+    before = run.final["teacher_rows_before_first_step"]
+    assert 0 < before < 0.1 * len(train), f"{before} of {len(train)} rows were scored before the first step"
+    assert run.final["teacher_rows_scored"] >= 3 * 8
+
+
+def test_two_workers_match_one_worker_with_twice_the_batch(
+    ray_session, teacher_path, records, tmp_path, one_worker
+):
+    two = distill(make_cfg(teacher_path, workers=2), *records, workdir=tmp_path, teacher_path=teacher_path)
+    np.testing.assert_allclose(losses(two), losses(one_worker), rtol=2e-3, atol=1e-4)
+    assert two.final["consumed_rows"] == one_worker.final["consumed_rows"] == STEPS * 8
+    assert two.final["eval_loss"] == pytest.approx(one_worker.final["eval_loss"], rel=1e-3)
+
+
+def test_killed_worker_resumes_from_checkpoint_and_finishes_exactly(
+    ray_session, teacher_path, records, tmp_path, one_worker
+):
+    cfg = make_cfg(teacher_path, max_failures=1)
+    metrics = tmp_path / "distill" / "metrics.jsonl"
+    killed: list[int] = []
+
+    def kill_after_step_three():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            history = read_history(metrics) if metrics.exists() else []
+            if history and history[-1]["step"] >= 3:
+                pid = history[-1]["worker_pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_step_three, daemon=True)
+    killer.start()
+    run = distill(cfg, *records, workdir=tmp_path, teacher_path=teacher_path)
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+    pids = {h["worker_pid"] for h in run.history}
+    assert len(pids) == 2, f"expected a restarted worker, saw pids {pids}"
+    assert [h["step"] for h in run.history] == list(range(1, STEPS + 1))
+    assert run.final["consumed_rows"] == one_worker.final["consumed_rows"]
+    # same data position, optimizer and RNG state after the restore: the same curve as without the kill
+    np.testing.assert_allclose(losses(run), losses(one_worker), rtol=2e-3, atol=1e-4)
+
+
+def test_signal_cache_round_trip_feeds_training(ray_session, teacher_path, records, tmp_path):
+    from kdray.data.cache import SignalCache
+    from kdray.train.trainer import build_datasets
+
+    cfg = make_cfg(teacher_path, steps=2)
+    live, _ = build_datasets(
+        cfg, records[0][:32], records[1], teacher_path=teacher_path, tokenizer_path=teacher_path
+    )
+    cache = SignalCache(tmp_path / "cache")
+    assert cache.write(live, "k1", vocab_size=200, meta={"teacher": teacher_path}) == 32
+    assert cache.complete("k1") and cache.metadata("k1")["rows"] == 32
+    cached = sorted(cache.read("k1").take_all(), key=lambda r: r["id"])
+    again = sorted(live.take_all(), key=lambda r: r["id"])
+    for a, b in zip(cached, again, strict=True):
+        np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+        np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=2e-2)  # float16 storage
+    run = distill(
+        cfg,
+        records[0][:32],
+        records[1],
+        workdir=tmp_path,
+        teacher_path=teacher_path,
+        signal_dataset=cache.read("k1"),
+    )
+    assert [h["step"] for h in run.history] == [1, 2]
+    with pytest.raises(FileNotFoundError, match="no complete teacher-signal cache entry 'nope'"):
+        cache.read("nope")
