@@ -153,3 +153,19 @@ def test_non_finite_step_is_skipped_then_reported():
     cfg.bad_steps = 0
     assert train_step(student, opt, objective, [good], cfg)["skipped"] == 0.0
     assert not all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_step_on_gpu_matches_float32():
+    teacher = tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=1).cuda()
+    batch = {
+        k: v.cuda() for k, v in with_signal({k: v.cuda() for k, v in make_batch(0).items()}, teacher).items()
+    }
+    objective = build_objective([Term("xkd", 1.0, {"divergence": "forward_kl"})])
+    results = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        student = Student.with_reward_head(tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=2)).cuda()
+        opt = torch.optim.SGD(student.parameters(), lr=0.1)
+        results.append(train_step(student, opt, objective, [batch], StepConfig(autocast_bf16=bf16))["loss"])
+    assert results[1] == pytest.approx(results[0], rel=2e-2)  # bf16 forward, float32 losses

@@ -56,6 +56,7 @@ class LoopSpec:
     seed: int = 0
     loss_chunk_size: int | None = None
     use_gpu: bool = False
+    precision: str = "auto"
     metrics_path: str | None = None
     export_path: str | None = None
     teacher_handles: list[Any] = field(default_factory=list)
@@ -215,8 +216,9 @@ class _Loop:
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.objective = build_objective(spec.terms)
+        bf16 = self.device.type == "cuda" and spec.precision in ("auto", "bf16")
         self.step_cfg = StepConfig(
-            grad_clip=spec.grad_clip, chunk_size=spec.loss_chunk_size, vocab_size=len(tok)
+            grad_clip=spec.grad_clip, chunk_size=spec.loss_chunk_size, vocab_size=len(tok), autocast_bf16=bf16
         )
         self.stream = micro_batches(
             ray.train.get_dataset_shard("train"), spec.batch_size, self.pad_id,

@@ -102,6 +102,7 @@ def loop_spec(
         seed=t.seed,
         loss_chunk_size=t.loss_chunk_size,
         use_gpu=t.use_gpu,
+        precision=t.precision,
         metrics_path=str(metrics_path),
         export_path=str(export_path) if export_path else None,
     )
