@@ -56,7 +56,10 @@ class Teacher:
         self.vocab_size = self.backend.vocab_size
         self.max_length = min(max_length or self.backend.max_length, self.backend.max_length)
         # say now, not mid-run, when the backend cannot serve the configured k (e.g. vLLM's logprob cap)
+        # or temperature (vLLM's prompt log-probs are at temperature 1)
         self.top_k = self._check_k(top_k)
+        if hasattr(self.backend, "check_temperature"):
+            self.backend.check_temperature(temperature)
 
     # ---- checks ------------------------------------------------------------------------------
 
