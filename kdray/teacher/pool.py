@@ -439,9 +439,21 @@ class TeacherPool:
             self._collector.join(timeout=5.0)
         for future in waiting:
             _resolve(future, error=TeacherPoolError(f"teacher pool {self.name!r} was closed"))
+        ray = _ray()
+        # let each teacher shut its engine down first: a killed actor's vLLM worker processes would
+        # otherwise keep burning CPU (or holding GPU memory) for a minute
+        # (only replicas known to be running: one that was never scheduled would never answer)
+        closing = []
+        for replica in self._replicas:
+            if replica.state == "up" and (replica.pid is not None or replica.served > 0):
+                with contextlib.suppress(Exception):
+                    closing.append(replica.handle.close.remote())
+        if closing:
+            with contextlib.suppress(Exception):
+                ray.wait(closing, num_returns=len(closing), timeout=15.0)
         for replica in self._replicas:
             with contextlib.suppress(Exception):  # already gone: nothing to kill
-                _ray().kill(replica.handle, no_restart=True)
+                ray.kill(replica.handle, no_restart=True)
 
     def __reduce__(self) -> Any:
         raise TypeError(

@@ -50,7 +50,7 @@ class Teacher:
         self.temperature, self.truncate, self.chat_template = temperature, truncate, chat_template
         self.backend = _make_backend(
             backend, name_or_path, model=model, tokenizer=tokenizer, revision=revision, gguf_file=gguf_file,
-            dtype=dtype, device=device, batch_size=batch_size, extra=dict(backend_kwargs or {}),
+            dtype=dtype, device=device, batch_size=batch_size, top_k=top_k, extra=dict(backend_kwargs or {}),
         )  # fmt: skip
         self.tokenizer = self.backend.tokenizer
         self.vocab_size = self.backend.vocab_size
@@ -201,6 +201,11 @@ class Teacher:
 
     # ---- service -----------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Release the backend's engine (vLLM worker processes); the pool calls it before killing a replica."""
+        if hasattr(self.backend, "close"):
+            self.backend.close()
+
     def info(self) -> dict[str, Any]:
         """Where and what this teacher is: the pool's health check and placement tests read it."""
         node_id = None
@@ -277,6 +282,9 @@ def _make_backend(
             raise ValueError("the vllm backend loads its own engine: pass name_or_path, not a model object")
         from kdray.teacher.vllm_backend import VLLMBackend
 
+        # vLLM caps the log-probs it returns (max_logprobs, 20 by default): raise the cap to the k this
+        # teacher serves (None = the whole vocabulary) unless the caller set it
+        extra.setdefault("max_logprobs", kw["top_k"])
         return VLLMBackend(
             name_or_path, revision=kw["revision"], gguf_file=kw["gguf_file"], dtype=kw["dtype"], **extra
         )
