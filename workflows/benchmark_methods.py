@@ -69,7 +69,9 @@ def _config(
             "model": {"name_or_path": "tiny", "tiny_layers": layers, "tiny_hidden": hidden},
             "teacher": {"name_or_path": teacher or "tiny", "top_k": top_k, "num_cpus": 1, "batch_size": 16},
             "data": {"max_prompt_tokens": args.max_prompt, "max_response_tokens": args.max_response},
-            "objective": {**method, "max_new_tokens": args.max_response},
+            # on-policy samples and teacher generations: long enough for an answer, no longer (sampling is
+            # token by token, the slow part of on-policy steps on a CPU)
+            "objective": {**method, "max_new_tokens": args.max_new_tokens},
             "train": {
                 "batch_size": args.batch_size, "max_steps": steps, "lr": args.lr, "warmup_steps": 20,
                 "checkpoint_every": steps, "eval_every": max(steps // 4, 1), "seed": args.seed,
@@ -122,9 +124,17 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=16)
     parser.add_argument("--max-prompt", type=int, default=160)
     parser.add_argument("--max-response", type=int, default=64)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=40, help="length of student samples / teacher generations"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/benchmark_methods")
     parser.add_argument("--out", default="BENCHMARKS_methods.md")
+    parser.add_argument(
+        "--teacher-path",
+        default=None,
+        help="reuse a teacher checkpoint instead of training one (same task/seed)",
+    )
     args = parser.parse_args()
 
     import ray
@@ -139,65 +149,95 @@ def main() -> None:
     s_hidden, s_layers = map(int, args.student_size.split("x"))
     rows: list[dict[str, Any]] = []
 
-    started = time.time()
-    print(f"[teacher] training {args.teacher_size} from scratch for {args.teacher_steps} steps", flush=True)
-    cfg = _config(
-        args, teacher=None, method=METHODS["sft"], hidden=t_hidden, layers=t_layers, steps=args.teacher_steps
+    rows_path = Path(args.out).with_suffix(".jsonl")  # one line per finished model: resumable
+    done = (
+        {r["model"]: r for r in map(json.loads, rows_path.read_text().splitlines())}
+        if rows_path.exists()
+        else {}
     )
-    teacher_run = distill(cfg, train, held_out, workdir=workdir, name="teacher")
-    teacher = str(teacher_run.export_path)
-    rows.append(
-        {
-            "model": "teacher (CE from scratch)",
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        with rows_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(row, flush=True)
+
+    started = time.time()
+    teacher = args.teacher_path
+    if teacher is None:
+        print(
+            f"[teacher] training {args.teacher_size} from scratch for {args.teacher_steps} steps", flush=True
+        )
+        cfg = _config(
+            args,
+            teacher=None,
+            method=METHODS["sft"],
+            hidden=t_hidden,
+            layers=t_layers,
+            steps=args.teacher_steps,
+        )
+        teacher = str(distill(cfg, train, held_out, workdir=workdir, name="teacher").export_path)
+    name = "teacher (CE from scratch)"
+    record(
+        done.get(name)
+        or {
+            "model": name,
             "params": _params(teacher),
             "score": _score(teacher, held_out, args),
             "minutes": (time.time() - started) / 60,
         }
     )
-    print(rows[-1], flush=True)
 
-    init_cfg = _config(
-        args, teacher=teacher, method=METHODS["sft"], hidden=s_hidden, layers=s_layers, steps=1
-    )
-    init_run = distill(
-        init_cfg,
-        train[: args.batch_size],
-        held_out,
-        workdir=workdir,
-        name="student-init",
-        teacher_path=teacher,
-    )
-    rows.append(
-        {
-            "model": "student at initialisation",
-            "params": _params(str(init_run.export_path)),
-            "score": _score(str(init_run.export_path), held_out, args),
-            "minutes": 0.0,
-        }
-    )
+    name = "student at initialisation"
+    if name in done:
+        record(done[name])
+    else:
+        init_cfg = _config(
+            args, teacher=teacher, method=METHODS["sft"], hidden=s_hidden, layers=s_layers, steps=1
+        )
+        init_run = distill(
+            init_cfg,
+            train[: args.batch_size],
+            held_out,
+            workdir=workdir,
+            name="student-init",
+            teacher_path=teacher,
+        )
+        record(
+            {
+                "model": name,
+                "params": _params(str(init_run.export_path)),
+                "score": _score(str(init_run.export_path), held_out, args),
+                "minutes": 0.0,
+            }
+        )
 
-    for name in args.methods.split(","):
+    for method in args.methods.split(","):
+        name = f"student: {method}"
+        if name in done:
+            record(done[name])
+            continue
         t0 = time.time()
-        print(f"[{name}] distilling for {args.student_steps} steps", flush=True)
+        print(f"[{method}] distilling for {args.student_steps} steps", flush=True)
         cfg = _config(
             args,
             teacher=teacher,
-            method=METHODS[name],
+            method=METHODS[method],
             hidden=s_hidden,
             layers=s_layers,
             steps=args.student_steps,
         )
-        run = distill(cfg, train, held_out, workdir=workdir, name=name, teacher_path=teacher)
-        rows.append(
+        run = distill(cfg, train, held_out, workdir=workdir, name=method, teacher_path=teacher)
+        path = str(run.export_path)
+        record(
             {
-                "model": f"student: {name}",
-                "params": _params(str(run.export_path)),
-                "score": _score(str(run.export_path), held_out, args),
+                "model": name,
+                "params": _params(path),
+                "score": _score(path, held_out, args),
                 "minutes": (time.time() - t0) / 60,
                 "final_eval_loss": run.final.get("eval_loss"),
             }
         )
-        print(rows[-1], flush=True)
     _write(args, rows)
 
 
@@ -218,7 +258,6 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         loss = f"{r['final_eval_loss']:.3f}" if r.get("final_eval_loss") is not None else ""
         lines.append(f"| {r['model']} | {r['params']:,} | {r['score']:.1f} | {loss} | {r['minutes']:.1f} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
-    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
 
 
