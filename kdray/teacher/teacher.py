@@ -137,12 +137,10 @@ class Teacher:
         """Token ids of a prompt: the model's own chat template for text (with the assistant cue)."""
         if not isinstance(prompt, str):
             return [int(t) for t in prompt]
-        if self.chat_template and getattr(self.tokenizer, "chat_template", None):
-            enc = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            return list(enc["input_ids"] if isinstance(enc, Mapping) else enc)
-        return list(self.tokenizer(prompt)["input_ids"])
+        # one rendering for the data pipeline and the teacher: the student learns the prompts it is scored on
+        from kdray.data.tokenize import encode_prompt
+
+        return encode_prompt(self.tokenizer, prompt, chat_template=self.chat_template)
 
     def generate(
         self,
