@@ -113,6 +113,13 @@ def test_taid_runtime_t_and_sparse_refusal():
     }
     with pytest.raises(ValueError, match="top_k: null"):
         obj(s, batch, sparse)
+    # a full-vocabulary "top-k" (what a teacher with top_k: null serves) is the dense signal in disguise
+    lp = torch.log_softmax(sig["teacher_logits"], -1)
+    order = torch.randperm(13, generator=torch.Generator().manual_seed(0))
+    full = {"topk_ids": order.expand(2, 4, 13).int(), "topk_logprobs": lp[..., order]}
+    for t in (0.3, 1.0):
+        got = obj(s, batch, full, runtime={"taid": {"t": t}})[0]
+        torch.testing.assert_close(got, obj(s, batch, sig, runtime={"taid": {"t": t}})[0])
 
 
 def test_sparse_signal_goes_through_same_terms():

@@ -22,7 +22,7 @@ import torch
 from kdray.losses.divergences import DIVERGENCES, loss_dtype
 from kdray.losses.minillm import minillm_loss
 from kdray.losses.reduce import chunked_per_token, masked_mean
-from kdray.losses.signal import is_sparse, teacher_divergence, token_cross_entropy
+from kdray.losses.signal import dense_teacher_logits, teacher_divergence, token_cross_entropy
 from kdray.losses.taid import taid_per_token
 from kdray.losses.xkd import xkd_loss
 
@@ -122,7 +122,8 @@ def taid_term(
 ) -> TermResult:
     """TAID toward the interpolated target; `t` comes from a TAIDSchedule at call time (runtime)."""
     signal = _require_signal(teacher_signal, "taid")
-    if is_sparse(signal):
+    teacher_logits = dense_teacher_logits(signal, student_logits.shape[-1])
+    if teacher_logits is None:
         raise ValueError(
             "taid interpolates full teacher logits; a top-k signal cannot be interpolated exactly. "
             "Serve full logits (teacher.top_k: null) for this objective."
@@ -130,7 +131,7 @@ def taid_term(
     values = chunked_per_token(
         partial(taid_per_token, t=t, temperature=temperature),
         student_logits,
-        signal["teacher_logits"],
+        teacher_logits,
         chunk_size=chunk_size,
     )
     return masked_mean(values, batch["mask"], num_tokens), {"t": torch.tensor(float(t))}

@@ -58,6 +58,19 @@ def teacher_divergence(
     return chunked_per_token(dense, student_logits, teacher_signal["teacher_logits"], chunk_size=chunk_size)
 
 
+def dense_teacher_logits(teacher_signal: Mapping[str, Tensor], vocab_size: int) -> Tensor | None:
+    """The teacher's full (B, T, V) log-probs when the signal holds them: dense logits, or a top-k with
+    k = V (what a teacher serving `top_k: null` sends). None for a true top-k. Log-probs stand in for
+    logits: they differ by a per-position constant, which every softmax ignores."""
+    if "teacher_logits" in teacher_signal:
+        return teacher_signal["teacher_logits"]
+    ids, logprobs = teacher_signal["topk_ids"], teacher_signal["topk_logprobs"]
+    if ids.shape[-1] != vocab_size:
+        return None
+    dense = torch.full(ids.shape, float("-inf"), dtype=logprobs.dtype, device=logprobs.device)
+    return dense.scatter(-1, ids.long(), logprobs)
+
+
 def _token_ce(student_logits: Tensor, target_ids: Tensor) -> Tensor:
     logits = student_logits.to(loss_dtype(student_logits))
     # masked positions may hold -100 / pad ids; clamp so the gather is valid, the mask drops them later
