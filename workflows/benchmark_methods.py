@@ -131,11 +131,19 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/benchmark_methods")
     parser.add_argument("--out", default="BENCHMARKS_methods.md")
     parser.add_argument(
+        "--report-only", action="store_true", help="write the table from the finished rows (.jsonl) and exit"
+    )
+    parser.add_argument(
         "--teacher-path",
         default=None,
         help="reuse a teacher checkpoint instead of training one (same task/seed)",
     )
     args = parser.parse_args()
+
+    if args.report_only:
+        rows_path = Path(args.out).with_suffix(".jsonl")
+        _write(args, [json.loads(line) for line in rows_path.read_text().splitlines()])
+        return
 
     import ray
 
