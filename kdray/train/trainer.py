@@ -237,6 +237,10 @@ def distill(
     finally:
         if pool is not None:
             pool.close()
+        if progress is not None:  # one per run: a sweep of many runs would otherwise keep them all alive
+            import ray
+
+            ray.kill(progress)
     return DistillRun(result, read_history(metrics_path), export_path, metrics_path)
 
 
