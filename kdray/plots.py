@@ -1,0 +1,122 @@
+"""Figures logged with a run: learning curves and the reward head's per-token heat-map.
+
+Built on `matplotlib.figure.Figure` directly (no pyplot): no global figure registry, no GUI backend, safe
+in Ray workers and threads; `Tracker.log_figure` renders them to PNG with Agg.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["learning_curves", "reward_heatmap"]
+
+# whitespace tokens are invisible in a cell: show them as symbols
+_VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "": "∅"}
+
+
+def learning_curves(history: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None) -> Figure:
+    """One subplot per metric family against "step": `loss`, `loss/xkd` and `eval_loss` share the "loss" axes.
+
+    `history` holds one dict per logged step; a key missing (or not finite) at a step is simply not drawn
+    there, so eval metrics logged every N steps appear as points only where they were measured.
+    """
+    from matplotlib.figure import Figure
+
+    if keys is None:
+        keys = list(dict.fromkeys(k for row in history for k in row if k != "step"))
+    families: dict[str, list[tuple[str, list[float], list[float]]]] = {}
+    for key in keys:
+        points = [
+            (row.get("step", i), v)
+            for i, row in enumerate(history)
+            if (v := _finite(row.get(key))) is not None
+        ]
+        if points:
+            steps, values = zip(*points, strict=True)
+            families.setdefault(_family(key), []).append((key, list(steps), list(values)))
+    rows = max(1, len(families))
+    fig = Figure(figsize=(8, 2.4 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (family, series) in zip(
+        axes, families.items(), strict=False
+    ):  # one empty axes when nothing was logged
+        for key, steps, values in series:
+            is_eval = key.startswith("eval_")
+            marker = "o" if is_eval or len(steps) == 1 else None
+            ax.plot(steps, values, marker=marker, linestyle="--" if is_eval else "-", label=key)
+        ax.set_ylabel(family)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    if not families:
+        axes[0].text(0.5, 0.5, "no metrics logged", ha="center", va="center", transform=axes[0].transAxes)
+    axes[-1].set_xlabel("step")
+    return fig
+
+
+def reward_heatmap(
+    rows: Sequence[tuple[Sequence[str], Sequence[float]]],
+    title: str = "Reward head: per-token posterior mean",
+    *,
+    max_tokens: int = 48,
+) -> Figure:
+    """Rows = examples, cells = response tokens coloured by the reward head's mean μ and labelled with the token.
+
+    The colormap is diverging and symmetric around 0, so the sign of μ reads off the hue. Rows longer than
+    `max_tokens` are cut (the title says so) to keep the labels legible; padding cells stay blank.
+    """
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    for i, (tokens, mus) in enumerate(rows):
+        if len(tokens) != len(mus):
+            raise ValueError(f"row {i}: {len(tokens)} tokens but {len(mus)} reward means; need one per token")
+    longest = max((len(tokens) for tokens, _ in rows), default=0)
+    width = max(1, min(max_tokens, longest))
+    grid = np.full((max(1, len(rows)), width), np.nan)
+    for i, (_, mus) in enumerate(rows):
+        values = np.asarray(list(mus)[:width], dtype=float)
+        grid[i, : len(values)] = values
+    finite = grid[np.isfinite(grid)]
+    bound = float(np.abs(finite).max()) if finite.size else 1.0
+    bound = bound or 1.0  # all zeros: any symmetric range centres 0
+
+    fig = Figure(figsize=(max(6.0, 0.45 * width + 2.0), 0.55 * grid.shape[0] + 1.8), layout="constrained")
+    ax = fig.subplots()
+    cmap = colormaps["RdYlGn"].with_extremes(bad="white")
+    image = ax.imshow(grid, cmap=cmap, norm=Normalize(-bound, bound), aspect="auto", interpolation="nearest")
+    for i, (tokens, _) in enumerate(rows):
+        for j, token in enumerate(list(tokens)[:width]):
+            ax.text(j, i, _label(token), ha="center", va="center", fontsize=7, clip_on=True)
+    ax.set_yticks(range(grid.shape[0]), [f"ex {i}" for i in range(grid.shape[0])])
+    ax.set_xlabel("response token")
+    ax.set_title(title + (f" (first {width} tokens)" if longest > width else ""))
+    fig.colorbar(image, ax=ax, label="reward posterior mean μ")
+    return fig
+
+
+def _family(key: str) -> str:
+    base = key.removeprefix("eval_")
+    return base.split("/", 1)[0]
+
+
+def _finite(value: Any) -> float | None:
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _label(token: str) -> str:
+    text = "".join(_VISIBLE.get(ch, ch) for ch in token) if token.strip() == "" else token
+    text = text or _VISIBLE[""]
+    return text if len(text) <= 6 else text[:5] + "…"
