@@ -21,6 +21,22 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("config", help="load a YAML config (with overrides) and print it resolved")
     check.add_argument("path", help="YAML config file")
     check.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    run = sub.add_parser("run", help="run (or resume) the workflow of a config: data → ... → register")
+    run.add_argument("--config", required=True, help="YAML config file (see workflows/configs/)")
+    run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=50")
+    run.add_argument(
+        "--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)"
+    )
+    run.add_argument("--run-name", default=None, help="MLflow name of the workflow's parent run")
+    run.add_argument("--fresh", action="store_true", help="ignore finished steps and run everything again")
+    ev = sub.add_parser("eval", help="score saved models on the held-out split of a config")
+    ev.add_argument("models", nargs="+", help="model directories (HF checkpoints, e.g. an exported student)")
+    ev.add_argument("--config", required=True, help="YAML config naming the task and its data")
+    ev.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    ev.add_argument("--limit", type=int, default=None, help="score only the first N held-out examples")
+    sub.add_parser("doctor", help="check Ray, devices, vLLM, MLflow and versions; exit 1 if something fails")
     return parser
 
 
@@ -43,6 +59,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(dump_config(cfg), end="")
         return 0
+    if args.command == "run":
+        from kdray.run import run_command
+
+        return run_command(args)
+    if args.command == "eval":
+        from kdray.run import eval_command
+
+        return eval_command(args)
+    if args.command == "doctor":
+        from kdray.doctor import doctor
+
+        return doctor()
     parser.print_help()
     return 0
 

@@ -148,6 +148,15 @@ class TeacherConfig:
     """Sequences per teacher forward pass."""
     dtype: Dtype = "auto"
     """Weight dtype; `auto` = bfloat16 on GPUs that support it, float32 otherwise."""
+    train_steps: int = 1500
+    """For `name_or_path: tiny`: steps of plain cross-entropy training of the teacher from scratch (the
+    workflow's teacher step) on the run's own training data; self-contained tasks need no download."""
+    train_lr: float = 3e-3
+    """Peak learning rate of that teacher training."""
+    tiny_layers: int = 4
+    """Layers of the tiny teacher built in code."""
+    tiny_hidden: int = 128
+    """Hidden size of the tiny teacher built in code."""
     truncate: bool = False
     """Truncate sequences longer than the teacher's context instead of failing."""
 
@@ -163,6 +172,10 @@ class TeacherConfig:
                 _fail(f"teacher.resources[{key!r}]", amount, "a non-empty resource name with an amount > 0")
         _at_least(self, "max_restarts", 0)
         _at_least(self, "batch_size", 1)
+        _at_least(self, "train_steps", 1)
+        _at_least(self, "train_lr", 0, strict=True)
+        _at_least(self, "tiny_layers", 1)
+        _at_least(self, "tiny_hidden", 8)
 
 
 @dataclass(frozen=True)
@@ -273,6 +286,8 @@ class TrainConfig:
     """Ray Train workers (data-parallel ranks)."""
     use_gpu: bool = False
     """Give each worker one GPU."""
+    resources: Mapping[str, float] = field(default_factory=dict)
+    """Custom Ray resources per worker, e.g. {student: 1} to pin workers to the student node type."""
     batch_size: int = 8
     """Sequences per worker per micro-step."""
     grad_accum: int = 1
@@ -312,6 +327,9 @@ class TrainConfig:
         _at_least(self, "warmup_steps", 0)
         _at_least(self, "grad_clip", 0, strict=True)
         _at_least(self, "max_failures", 0)
+        for key, amount in self.resources.items():
+            if not key or not amount > 0:
+                _fail(f"train.resources[{key!r}]", amount, "a non-empty resource name with an amount > 0")
 
 
 @dataclass(frozen=True)
@@ -413,6 +431,12 @@ class WorkflowConfig:
     """Steps to run; the workflow orders them by their dependencies."""
     resume: bool = True
     """Reuse the cached outputs of steps whose inputs did not change."""
+    baseline: bool = True
+    """Also train an SFT-only student (cross-entropy on the data, same budget) for the evaluation table."""
+    eval_max_new_tokens: int | None = None
+    """Greedy tokens generated per held-out prompt in the evaluate step; None = data.max_response_tokens."""
+    samples: int = 8
+    """Held-out generations and reward heat-map rows logged as artifacts."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))

@@ -81,11 +81,39 @@ def _set_special_ids(model: Any, tokenizer: Any) -> None:
             setattr(model.generation_config, attr, value)
 
 
+REWARD_HEAD_FILE = "reward_head.pt"
+
+
 def export_student(model: Any, tokenizer: Any, path: str | Path) -> Path:
-    """Save the student's LM (never the reward head) as a normal HF checkpoint directory."""
+    """Save the student's LM as a normal HF checkpoint directory that any transformers user can load.
+
+    A kdray Student's reward head (X-KD) goes beside it as `reward_head.pt`, which transformers ignores:
+    the head is what the reward heat-map and AVA-style analyses read, not part of the served model.
+    """
+    import torch
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    lm = getattr(model, "lm", model)  # a kdray Student: export only its language model
+    lm = getattr(model, "lm", model)  # a kdray Student: the language model is the checkpoint
     lm.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    head = getattr(model, "head", None)
+    if head is not None:
+        state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+        torch.save({"hidden_size": lm.config.hidden_size, "state_dict": state}, path / REWARD_HEAD_FILE)
     return path
+
+
+def load_reward_head(path: str | Path) -> Any | None:
+    """The RewardHead exported beside a student checkpoint, or None when the student has none."""
+    import torch
+
+    from kdray.models.reward_head import RewardHead
+
+    file = Path(path) / REWARD_HEAD_FILE
+    if not file.is_file():
+        return None
+    saved = torch.load(file, map_location="cpu", weights_only=True)
+    head = RewardHead(int(saved["hidden_size"]))
+    head.load_state_dict(saved["state_dict"])
+    return head.eval()

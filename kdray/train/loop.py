@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, fields
@@ -61,6 +62,12 @@ class LoopSpec:
     export_path: str | None = None
     teacher_handles: list[Any] = field(default_factory=list)
     teacher_progress: Any = None
+    tracking: dict[str, Any] | None = None
+    """MLflow run to log per-step metrics into from rank 0: {tracking_uri, experiment, run_id, spool_dir}."""
+    progress_desc: str | None = None
+    """Label of rank 0's progress report; None = silent."""
+    progress_bar: bool = True
+    """A bar on the driver's console (Ray's tqdm relay) or, for logs, one line per logged step."""
 
 
 class _State:
@@ -180,13 +187,48 @@ def _eval_loss(student: Student, shard: Any, pad_id: int, batch_size: int, devic
     return summed["s"] / max(summed["n"], 1.0)
 
 
-def _log(spec: LoopSpec, rank: int, metrics: dict[str, float]) -> None:
+def _log(spec: LoopSpec, rank: int, metrics: dict[str, float], tracker: Any = None) -> None:
     """Rank 0 appends one JSON line per logged step; steps replayed after a failure are logged again with
-    the same step number, and readers keep the last line per step."""
+    the same step number, and readers keep the last line per step. The MLflow tracker buffers on disk
+    and sends in the background, so a slow or dead tracking server never stalls a step."""
     if rank == 0 and spec.metrics_path:
         Path(spec.metrics_path).parent.mkdir(parents=True, exist_ok=True)
         with open(spec.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+    if rank == 0 and spec.progress_desc and not spec.progress_bar:
+        extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+        # sys.stdout.write, not print: Ray Train patches print in workers and tees it, printing twice
+        sys.stdout.write(
+            f"[{spec.progress_desc}] step {metrics['step']}/{spec.max_steps} loss {metrics['loss']:.4f}{extra}\n"
+        )
+        sys.stdout.flush()
+    if tracker is not None:
+        numeric = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+        tracker.log_metrics(numeric, step=int(metrics["step"]))
+
+
+def _tracker(spec: LoopSpec, rank: int) -> Any:
+    """Rank 0 attaches to the step's MLflow run; other ranks log nothing."""
+    if rank != 0 or not spec.tracking:
+        return None
+    from kdray.tracking import Tracker
+
+    t = spec.tracking
+    return Tracker(
+        t["tracking_uri"], t["experiment"], run_id=t["run_id"], spool_dir=t.get("spool_dir"), rank=rank
+    )
+
+
+def _progress_bar(spec: LoopSpec, rank: int, start: int) -> Any:
+    """A bar over optimizer steps on the driver's console (Ray relays tqdm_ray bars from workers)."""
+    if rank != 0 or not spec.progress_desc or not spec.progress_bar:
+        return None
+    from ray.experimental import tqdm_ray
+
+    bar = tqdm_ray.tqdm(total=spec.max_steps, desc=spec.progress_desc)
+    if start:
+        bar.update(start)
+    return bar
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -230,6 +272,18 @@ class _Loop:
 
     def run(self) -> None:
         spec, state = self.spec, self.state
+        self.tracker = _tracker(spec, self.rank)
+        bar = _progress_bar(spec, self.rank, state.step)
+        try:
+            self._steps(bar)
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.tracker is not None:
+                self.tracker.close(status=None, timeout_s=30)  # the step that owns the run ends it
+
+    def _steps(self, bar: Any) -> None:
+        spec, state = self.spec, self.state
         while state.step < spec.max_steps:
             micro = [next(self.stream) for _ in range(spec.grad_accum)]
             micro = self.source.maybe_replace(state.step + 1, micro)
@@ -246,6 +300,8 @@ class _Loop:
                 state.taid.update(state.step, logs["loss"])
             tokens = sum(int(np.asarray(m["attention_mask"]).sum()) for m in micro)
             self._report(logs, tokens / max(time.perf_counter() - started, 1e-9))
+            if bar is not None:
+                bar.update(1)
         if self.rank == 0 and spec.export_path:
             export_student(_unwrap(self.student), self.tokenizer, spec.export_path)
 
@@ -288,7 +344,7 @@ class _Loop:
             if ckpt_now
             else None
         )
-        _log(spec, self.rank, metrics)
+        _log(spec, self.rank, metrics, self.tracker)
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)

@@ -192,8 +192,16 @@ def distill(
     name: str = "distill",
     signal_dataset: Any = None,
     export: bool = True,
+    tracking: Mapping[str, Any] | None = None,
+    progress_desc: str | None = None,
+    progress_bar: bool = True,
 ) -> DistillRun:
-    """Train the student of `cfg` on the records with Ray Train; resumes from `workdir` if interrupted."""
+    """Train the student of `cfg` on the records with Ray Train; resumes from `workdir` if interrupted.
+
+    `tracking` names an MLflow run ({tracking_uri, experiment, run_id, spool_dir}) that rank 0 logs its
+    per-step metrics into; `progress_desc` labels the run's progress: a bar over the steps, or (with
+    `progress_bar=False`, for logs) one line per logged step.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -210,6 +218,9 @@ def distill(
     )  # fmt: skip
     spec = loop_spec(cfg, teacher_path=teacher_path, metrics_path=metrics_path, export_path=export_path)
     spec.teacher_progress = progress
+    spec.tracking = dict(tracking) if tracking else None
+    spec.progress_desc = progress_desc
+    spec.progress_bar = progress_bar
     pool = None
     if needs_pool(cfg):
         from kdray.teacher import TeacherPool
@@ -222,7 +233,11 @@ def distill(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec_to_config(spec),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=_worker_resources(cfg),
+        ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(workdir / "ray_train"),
@@ -246,3 +261,10 @@ def distill(
 
 def _pool_overrides(cfg: Any, teacher_path: str | None) -> dict[str, Any]:
     return {"name_or_path": _require(teacher_path), "chat_template": cfg.data.chat_template}
+
+
+def _worker_resources(cfg: Any) -> dict[str, float] | None:
+    """Ray Train's per-worker bundle: its defaults (1 CPU, 1 GPU if use_gpu) plus the custom resources."""
+    if not cfg.train.resources:
+        return None
+    return {"CPU": 1.0, **({"GPU": 1.0} if cfg.train.use_gpu else {}), **cfg.train.resources}

@@ -1,0 +1,95 @@
+"""`kdray run` and `kdray eval`: the workflow and held-out scoring from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _load(path: str, overrides: list[str]) -> Any:
+    from kdray.config import ConfigError, load_config
+
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join `address` (or $RAY_ADDRESS, set inside a Ray job), else start a private local instance: a
+    plain `python workflows/xkd.py` never attaches to some other Ray cluster on the same machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=target, log_to_driver=True)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the workflow of `args.config`; print the evaluation table and where the MLflow run lives."""
+    cfg = _load(args.config, list(args.overrides))
+    if cfg is None:
+        return 2
+    if args.fresh:
+        from kdray.config import with_overrides
+
+        cfg = with_overrides(cfg, {"workflow.resume": False})
+    init_ray(args.address)
+    from kdray.workflow import run_workflow
+
+    result = run_workflow(cfg, run_name=args.run_name)
+    print()
+    for step in result.steps:
+        state = "reused" if step.cached else f"{step.seconds:.0f} s"
+        print(f"  {step.step:<16} {state:>8}  {step.directory}")
+    evaluation = next((s for s in result.steps if s.step == "evaluate"), None)
+    if evaluation is not None:
+        print("\n" + evaluation.outputs["table"])
+    register = next((s for s in result.steps if s.step == "register"), None)
+    if register is not None and register.outputs.get("registered"):
+        print(f"\nregistered model: {register.outputs['registered']} v{register.outputs['version']}")
+    if result.tracking_uri:
+        print("\n" + mlflow_hint(result.tracking_uri, result.parent_run_id))
+    return 0
+
+
+def mlflow_hint(tracking_uri: str, run_id: str | None) -> str:
+    """How to look at the run in the MLflow UI."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow run {run_id}: open {tracking_uri} in a browser"
+    return (
+        f"MLflow run {run_id}. To browse it:\n"
+        f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000\n"
+        f"  then open http://127.0.0.1:5000"
+    )
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """Greedy held-out generations of each model, scored for the config's task."""
+    cfg = _load(args.config, list(args.overrides))
+    if cfg is None:
+        return 2
+    from kdray.data import read_config_split
+    from kdray.eval.evaluate import TASK_METRIC, greedy_generations, task_scores
+    from kdray.workflow import format_table
+
+    records = read_config_split(cfg.data, "eval").records[: args.limit]
+    scores = {}
+    for path in args.models:
+        if not Path(path).is_dir():
+            print(f"error: {path}: not a model directory (expected a saved HF checkpoint)", file=sys.stderr)
+            return 2
+        texts = greedy_generations(
+            path,
+            [r["prompt"] for r in records],
+            max_new_tokens=cfg.workflow.eval_max_new_tokens or cfg.data.max_response_tokens,
+            chat_template=cfg.data.chat_template,
+        )
+        scores[path] = task_scores(cfg.data.task, texts, records)
+    print(format_table(scores, TASK_METRIC[cfg.data.task], cfg.data.task, len(records)))
+    return 0

@@ -1,0 +1,592 @@
+"""The distillation workflow as a DAG of cached steps, composed with Ray's DAG API.
+
+    data → teacher → teacher_outputs → distill ─┐
+                  └──────────────→ baseline ────┴→ evaluate → register
+
+Each step takes flat inputs (the config, the outputs of the steps it depends on) and writes one artifact
+directory, `<cache_dir>/<step>-<key>`, whose key hashes the config sections the step reads, the keys of
+its inputs and the package version. A step's directory counts as finished only once its `_DONE.json`
+(written last, holding the step's outputs) exists, so re-running the workflow skips finished steps and a
+run killed in the middle starts again at the step it died in; inside `distill`, Ray Train resumes from
+the step's last checkpoint. Changing a config section re-runs exactly the steps that read it and the
+steps after them.
+
+Steps run as Ray tasks pinned to the driver's node (their directories are local paths); the work inside
+them (teacher actors, Ray Data, Ray Train workers) spreads over the cluster as configured.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kdray import __version__
+from kdray.config import Config, config_from_dict, config_to_dict, with_overrides
+
+#: the config sections each step reads: its cache key hashes exactly these (and its inputs' keys)
+STEP_SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("data",),
+    "teacher": ("teacher", "data.max_prompt_tokens", "data.max_response_tokens", "data.chat_template"),
+    "teacher_outputs": ("teacher", "data", "train.batch_size"),
+    "distill": ("model", "objective", "train", "data", "teacher"),
+    "baseline": ("model", "train", "data"),
+    "evaluate": ("data", "workflow.eval_max_new_tokens", "workflow.samples"),
+    "register": ("tracking.registered_model", "tracking.experiment"),
+}
+DONE = "_DONE.json"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step produced: its key, directory and outputs; `cached` when a finished run was reused."""
+
+    step: str
+    key: str
+    directory: str
+    outputs: dict[str, Any]
+    cached: bool
+    seconds: float
+
+
+@dataclass
+class StepContext:
+    """What a running step may use: its directory, the resolved config and its MLflow run (or None)."""
+
+    step: str
+    key: str
+    directory: Path
+    cfg: Config
+    tracker: Any
+    progress: bool = False
+
+    def train_display(self, label: str) -> dict[str, Any]:
+        """How a training run shows its progress: a bar on a terminal, log lines otherwise."""
+        return {"progress_desc": label, "progress_bar": self.progress}
+
+
+def _section(cfg_dict: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = cfg_dict
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def step_key(step: str, cfg: Config, inputs: Sequence[StepResult]) -> str:
+    """Hash of the step name, the config sections it reads, its inputs' keys and the package version."""
+    from kdray.data.cache import fingerprint
+
+    d = config_to_dict(cfg)
+    sections = {name: _section(d, name) for name in STEP_SECTIONS[step]}
+    if step == "teacher_outputs":  # of the objective, only what changes the teacher's outputs: a sweep
+        sections["outputs"] = _teacher_outputs_wanted(cfg)  # over loss weights reuses one teacher pass
+    return fingerprint([step, sections, [i.key for i in inputs], __version__])[:16]
+
+
+def _teacher_outputs_wanted(cfg: Config) -> dict[str, Any]:
+    from kdray.train.trainer import GENERATION_METHODS, needs_signal
+
+    o = cfg.objective
+    generations = o.method in GENERATION_METHODS or o.teacher_generations
+    return {
+        "signal": needs_signal(cfg),
+        "generations": generations,
+        "max_new_tokens": o.max_new_tokens if generations else None,
+        "generation_temperature": o.generation_temperature if generations else None,
+    }
+
+
+def finished(directory: Path) -> dict[str, Any] | None:
+    """The recorded outputs of a finished step directory, None when it is absent or unfinished."""
+    done = directory / DONE
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def _records(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_records(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def data_step(ctx: StepContext) -> dict[str, Any]:
+    """Read (or generate) the train and held-out splits once; later steps read these jsonl files."""
+    from kdray.data import read_config_split
+
+    out: dict[str, Any] = {}
+    for which in ("train", "eval"):
+        result = read_config_split(ctx.cfg.data, which)  # type: ignore[arg-type]
+        path = ctx.directory / f"{which}.jsonl"
+        _write_records(path, result.records)
+        print(f"[data] {which}: {result.summary()}", flush=True)
+        out[which] = str(path)
+        out[f"{which}_rows"] = len(result.records)
+        out[f"{which}_malformed"] = len(result.malformed)
+    if ctx.tracker is not None:
+        ctx.tracker.log_metrics({k: v for k, v in out.items() if isinstance(v, int)}, step=0)
+    return out
+
+
+def teacher_step(ctx: StepContext, data: StepResult) -> dict[str, Any]:
+    """Resolve the teacher: a given model is checked (tokenizer and config load, no weights), `tiny`
+    means train one from scratch with plain cross-entropy on the training split (self-contained tasks)."""
+    t = ctx.cfg.teacher
+    if t.name_or_path != "tiny":
+        from kdray.models.loading import load_model_config, load_tokenizer
+
+        load_tokenizer(t.name_or_path, revision=t.revision, gguf_file=t.gguf_file)
+        config = load_model_config(t.name_or_path, revision=t.revision, gguf_file=t.gguf_file)
+        return {"path": t.name_or_path, "revision": t.revision, "vocab_size": int(config.vocab_size)}
+    from kdray.train.trainer import distill
+
+    cfg = with_overrides(
+        ctx.cfg,
+        {
+            "model.name_or_path": "tiny",
+            "model.init": "scratch",
+            "model.tiny_layers": t.tiny_layers,
+            "model.tiny_hidden": t.tiny_hidden,
+            "objective.method": "sft",
+            "objective.terms": [{"name": "ce"}],
+            "objective.on_policy_fraction": 0.0,
+            "objective.teacher_generations": False,
+            # the teacher's own budget, independent of the student's `train` section: sweeping the
+            # student's hyper-parameters must not retrain the teacher
+            "train.num_workers": 1,
+            "train.use_gpu": t.num_gpus > 0,
+            "train.resources": dict(t.resources),
+            "train.batch_size": t.batch_size,
+            "train.grad_accum": 1,
+            "train.max_steps": t.train_steps,
+            "train.lr": t.train_lr,
+            "train.warmup_steps": min(20, t.train_steps // 10),
+            "train.lr_schedule": "cosine",
+            "train.seed": ctx.cfg.data.seed,
+            "train.checkpoint_every": max(t.train_steps // 4, 1),
+            "train.eval_every": max(t.train_steps // 4, 1),
+        },
+    )
+    run = distill(
+        cfg, _records(data.outputs["train"]), _records(data.outputs["eval"]), workdir=ctx.directory,
+        name="teacher", tracking=_run_tracking(ctx), **ctx.train_display("teacher (cross-entropy)"),
+    )  # fmt: skip
+    _log_curves(ctx, run.history, "teacher_learning_curves.png")
+    return {"path": str(run.export_path), "revision": None, "trained_steps": t.train_steps}
+
+
+def teacher_outputs_step(ctx: StepContext, data: StepResult, teacher: StepResult) -> dict[str, Any]:
+    """One teacher pass over the training split, written to the signal cache (log-probs, and the
+    teacher's generations for SeqKD / sequence-level X-KD); every later run or Tune trial reads it."""
+    from kdray.data.cache import SignalCache, signal_cache_key
+    from kdray.models.loading import load_model_config
+    from kdray.train.trainer import GENERATION_METHODS, build_datasets, needs_signal
+
+    cfg = ctx.cfg
+    generations = cfg.objective.method in GENERATION_METHODS or cfg.objective.teacher_generations
+    if not (needs_signal(cfg) or generations):
+        return {"signal_cache": None, "reason": f"method {cfg.objective.method!r} reads no teacher output"}
+    t_path = teacher.outputs["path"]
+    key = signal_cache_key(  # the teacher step's key names a trained teacher; a hub id names itself
+        teacher=f"{t_path}@{teacher.key}", revision=cfg.teacher.revision, tokenizer=t_path,
+        top_k=cfg.teacher.top_k, temperature=cfg.teacher.temperature,
+        data=f"{data.key}:{ctx.key}", version=__version__,
+    )  # fmt: skip
+    cache = SignalCache(ctx.directory / "signal")
+    train_ds, _ = build_datasets(
+        cfg, _records(data.outputs["train"]), _records(data.outputs["eval"])[:1],
+        teacher_path=t_path, tokenizer_path=t_path,
+    )  # fmt: skip
+    started = time.time()
+    vocab = int(load_model_config(t_path).vocab_size)
+    rows = cache.write(train_ds, key, vocab_size=vocab, meta={"teacher": t_path, "generations": generations})
+    seconds = time.time() - started
+    if ctx.tracker is not None:
+        ctx.tracker.set_tags({"kdray.signal_cache_key": key})
+        ctx.tracker.log_metrics({"rows": rows, "rows_per_s": rows / max(seconds, 1e-9)}, step=0)
+    return {"signal_cache": key, "cache_dir": str(cache.root), "rows": rows, "generations": generations}
+
+
+def distill_step(
+    ctx: StepContext, data: StepResult, teacher: StepResult, outputs: StepResult
+) -> dict[str, Any]:
+    """Train the student with the configured objective (teacher signal from the cache, on-policy batches
+    scored by a TeacherPool), resuming from the step's own checkpoints after a kill."""
+    from kdray.data.cache import SignalCache
+    from kdray.train.trainer import distill
+
+    signal = None
+    if outputs.outputs.get("signal_cache"):
+        signal = SignalCache(outputs.outputs["cache_dir"]).read(outputs.outputs["signal_cache"])
+    run = distill(
+        ctx.cfg, _records(data.outputs["train"]), _records(data.outputs["eval"]), workdir=ctx.directory,
+        name="student", teacher_path=teacher.outputs["path"], signal_dataset=signal,
+        tracking=_run_tracking(ctx), **ctx.train_display(f"student ({ctx.cfg.objective.method})"),
+    )  # fmt: skip
+    _log_curves(ctx, run.history, "learning_curves.png")
+    return {"student": str(run.export_path), "metrics": str(run.metrics_path), "final": _finite(run.final)}
+
+
+def baseline_step(
+    ctx: StepContext, data: StepResult, teacher: StepResult, after: Any = None
+) -> dict[str, Any]:
+    """The SFT-only student: the same model, data and budget, cross-entropy on the references only.
+    (`after` is an ordering-only edge of the DAG.)"""
+    from kdray.train.trainer import distill
+
+    cfg = with_overrides(
+        ctx.cfg,
+        {
+            "objective.method": "sft",
+            "objective.terms": [{"name": "ce"}],
+            "objective.on_policy_fraction": 0.0,
+            "objective.teacher_generations": False,
+        },
+    )
+    run = distill(
+        cfg, _records(data.outputs["train"]), _records(data.outputs["eval"]), workdir=ctx.directory,
+        name="baseline", teacher_path=teacher.outputs["path"], tracking=_run_tracking(ctx),
+        **ctx.train_display("baseline (SFT only)"),
+    )  # fmt: skip
+    _log_curves(ctx, run.history, "learning_curves.png")
+    return {"student": str(run.export_path), "metrics": str(run.metrics_path), "final": _finite(run.final)}
+
+
+def evaluate_step(
+    ctx: StepContext,
+    data: StepResult,
+    teacher: StepResult,
+    student: StepResult,
+    baseline: StepResult | None = None,
+) -> dict[str, Any]:
+    """Greedy held-out generations of the teacher, the SFT baseline and the student, scored for the
+    task; sample generations and (X-KD) the reward heat-map go to MLflow."""
+    from kdray.eval.evaluate import TASK_METRIC, greedy_generations, reward_rows, task_scores
+
+    cfg = ctx.cfg
+    records = _records(data.outputs["eval"])
+    prompts = [r["prompt"] for r in records]
+    new_tokens = cfg.workflow.eval_max_new_tokens or cfg.data.max_response_tokens
+    models = {"teacher": ("teacher", teacher.outputs["path"])}
+    if baseline is not None:
+        models["baseline"] = ("student (SFT only)", baseline.outputs["student"])
+    models["student"] = (f"student ({cfg.objective.method})", student.outputs["student"])
+    metric = TASK_METRIC[cfg.data.task]
+    scores: dict[str, dict[str, float]] = {}
+    samples: list[dict[str, Any]] = []
+    for short, (label, path) in models.items():
+        texts = greedy_generations(
+            path, prompts, max_new_tokens=new_tokens, chat_template=cfg.data.chat_template,
+            desc=f"evaluating {label}",
+        )  # fmt: skip
+        scores[label] = task_scores(cfg.data.task, texts, records)
+        if ctx.tracker is not None:
+            ctx.tracker.log_metrics({f"{short}/{k}": v for k, v in scores[label].items()}, step=0)
+        for r, text in list(zip(records, texts, strict=True))[: cfg.workflow.samples]:
+            samples.append(
+                {"model": label, "prompt": r["prompt"], "reference": r["response"], "output": text}
+            )
+    table = format_table(scores, metric, cfg.data.task, len(records))
+    (ctx.directory / "table.md").write_text(table + "\n")
+    _write_records(ctx.directory / "samples.jsonl", samples)
+    rows = reward_rows(
+        student.outputs["student"], records[: cfg.workflow.samples],
+        max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens,
+        chat_template=cfg.data.chat_template,
+    )  # fmt: skip
+    if ctx.tracker is not None:
+        ctx.tracker.log_text(table, "table.md")
+        ctx.tracker.log_artifact(str(ctx.directory / "samples.jsonl"))
+        if rows:
+            from kdray.plots import reward_heatmap
+
+            ctx.tracker.log_figure(reward_heatmap(rows), "reward_heatmap.png")
+    return {"metric": metric, "scores": scores, "table": table, "reward_rows": len(rows)}
+
+
+def register_step(ctx: StepContext, student: StepResult, evaluation: StepResult | None) -> dict[str, Any]:
+    """Log the student to MLflow as a model (pyfunc over the HF checkpoint) and register it."""
+    if ctx.tracker is None:
+        return {"registered": None, "student": student.outputs["student"], "reason": "tracking disabled"}
+    name = ctx.cfg.tracking.registered_model or f"{ctx.cfg.tracking.experiment}-student"
+    version = ctx.tracker.log_student(student.outputs["student"], registered_model=name)
+    return {"registered": name, "version": version, "student": student.outputs["student"]}
+
+
+STEPS: dict[str, Callable[..., dict[str, Any]]] = {
+    "data": data_step,
+    "teacher": teacher_step,
+    "teacher_outputs": teacher_outputs_step,
+    "distill": distill_step,
+    "baseline": baseline_step,
+    "evaluate": evaluate_step,
+    "register": register_step,
+}
+
+
+def format_table(scores: Mapping[str, Mapping[str, float]], metric: str, task: str, n: int) -> str:
+    """The evaluation table as markdown, headline metric first."""
+    extra = sorted({k for v in scores.values() for k in v} - {metric})
+    head = f"| model ({task}, {n} held-out) | {metric} | " + " | ".join(extra) + " |"
+    lines = [head, "|---|" + "---:|" * (1 + len(extra))]
+    for label, values in scores.items():
+        cells = [f"{values[metric]:.2f}"] + [f"{values.get(k, float('nan')):.3f}" for k in extra]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _finite(d: Mapping[str, Any]) -> dict[str, Any]:
+    import math
+
+    return {k: v for k, v in d.items() if not (isinstance(v, float) and not math.isfinite(v))}
+
+
+def _run_tracking(ctx: StepContext) -> dict[str, Any] | None:
+    """Where a Ray Train worker logs its per-step metrics: this step's MLflow run."""
+    if ctx.tracker is None:
+        return None
+    return {
+        "tracking_uri": ctx.tracker.tracking_uri,
+        "experiment": ctx.tracker.experiment,
+        "run_id": ctx.tracker.run_id,
+        "spool_dir": str(ctx.directory / "mlflow-spool-rank0"),
+    }
+
+
+def _log_curves(ctx: StepContext, history: Sequence[Mapping[str, Any]], name: str) -> None:
+    if ctx.tracker is None or not history:
+        return
+    from kdray.plots import learning_curves
+
+    ctx.tracker.log_figure(learning_curves(history), name)
+
+
+# ------------------------------------------------------------------------------------------ the DAG
+
+
+def run_step(
+    step: str, cfg_dict: dict[str, Any], options: dict[str, Any], *inputs: StepResult | None
+) -> StepResult:
+    """Run one step, or return its recorded outputs when its directory already finished.
+
+    Runs inside a Ray task. `options["tracking"]` names the workflow's parent MLflow run, under which the
+    step opens a nested run (tagged `kdray.cached` when it only reports a finished directory);
+    `options["progress"]` says whether the driver's console shows progress bars (a terminal) or only
+    log lines (a Ray job's log, CI).
+    """
+    from ray.data import DataContext
+
+    # per-operator Ray Data bars (one per map/split stage) drown the step's own progress in the log
+    DataContext.get_current().enable_operator_progress_bars = False
+    DataContext.get_current().enable_progress_bars = bool(options.get("progress"))
+    tracking = options.get("tracking")
+    cfg = config_from_dict(cfg_dict)
+    present = [i for i in inputs if i is not None]
+    key = step_key(step, cfg, present)
+    directory = cache_root(cfg) / f"{step}-{key}"
+    started = time.time()
+    recorded = finished(directory) if cfg.workflow.resume else None
+    tracker = _step_tracker(tracking, step, key, cached=recorded is not None)
+    try:
+        if recorded is not None:
+            print(f"[{step}] finished earlier, reusing {directory}", flush=True)
+            result = StepResult(step, key, str(directory), recorded, True, 0.0)
+        else:
+            print(f"[{step}] running -> {directory}", flush=True)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / DONE).unlink(missing_ok=True)
+            ctx = StepContext(step, key, directory, cfg, tracker, bool(options.get("progress")))
+            outputs = STEPS[step](ctx, *inputs)
+            _atomic_write(directory / DONE, json.dumps(outputs, indent=1, default=str))
+            result = StepResult(step, key, str(directory), outputs, False, time.time() - started)
+            print(f"[{step}] done in {result.seconds:.0f} s", flush=True)
+        if tracker is not None:
+            tracker.log_params({f"output.{k}": v for k, v in result.outputs.items() if k != "table"})
+            tracker.close()
+    except BaseException:
+        if tracker is not None:
+            tracker.close(status="FAILED")
+        raise
+    return result
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _step_tracker(tracking: dict[str, Any] | None, step: str, key: str, *, cached: bool) -> Any:
+    if not tracking:
+        return None
+    from kdray.tracking import Tracker
+
+    return Tracker(
+        tracking["tracking_uri"], tracking["experiment"], run_name=step,
+        parent_run_id=tracking["parent_run_id"],
+        tags={"kdray.step": step, "kdray.step_key": key, "kdray.cached": str(cached).lower()},
+    )  # fmt: skip
+
+
+def cache_root(cfg: Config) -> Path:
+    """Where step directories live: `workflow.cache_dir`, or `<workdir>/steps`."""
+    return Path(cfg.workflow.cache_dir or Path(cfg.workflow.workdir) / "steps").expanduser().resolve()
+
+
+def build_dag(cfg: Config, tracking: dict[str, Any] | None = None, *, progress: bool = False) -> Any:
+    """The workflow as a Ray DAG (`.bind()`); `.execute()` returns the ObjectRef of every step's result.
+
+    Steps are Ray tasks with no CPU of their own (the actors and workers they start hold the resources)
+    pinned to this node. The baseline runs after the student, not beside it: on a small machine two
+    trainings side by side would only fight for the same cores.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_step)
+    d = config_to_dict(cfg)
+    wanted = set(cfg.workflow.steps)
+    options = {"tracking": tracking, "progress": progress}
+
+    def node(step: str, *inputs: Any) -> Any:
+        return task.options(name=f"kdray:{step}").bind(step, d, options, *inputs)
+
+    data = node("data")
+    teacher = node("teacher", data)
+    outputs = node("teacher_outputs", data, teacher)
+    student = node("distill", data, teacher, outputs)
+    last = student
+    baseline = None
+    if cfg.workflow.baseline and "evaluate" in wanted:
+        baseline = node("baseline", data, teacher, _after(student))
+        last = baseline
+    nodes = [data, teacher, outputs, student] + ([baseline] if baseline is not None else [])
+    if "evaluate" in wanted:
+        last = node("evaluate", data, teacher, student, baseline)
+        nodes.append(last)
+    if "register" in wanted:
+        nodes.append(node("register", student, last))
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(_gather).bind(*nodes)
+
+
+def _gather(*results: StepResult) -> list[StepResult]:
+    """The DAG's sink: every step's result, in order, for the summary."""
+    return list(results)
+
+
+def _after(node: Any) -> Any:
+    """An ordering-only edge: the downstream step waits for `node` but does not receive its result."""
+    import ray
+
+    return ray.remote(num_cpus=0)(_none).bind(node)
+
+
+def _none(_: Any) -> None:
+    return None
+
+
+@dataclass
+class WorkflowResult:
+    """The final step's result and the parent MLflow run (None when tracking is off)."""
+
+    last: StepResult
+    parent_run_id: str | None
+    tracking_uri: str | None
+    steps: list[StepResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "last": asdict(self.last),
+            "parent_run_id": self.parent_run_id,
+            "tracking_uri": self.tracking_uri,
+            "steps": [asdict(s) for s in self.steps],
+        }
+
+
+def run_workflow(cfg: Config, *, run_name: str | None = None) -> WorkflowResult:
+    """Run (or resume) the whole workflow on the connected Ray cluster under one parent MLflow run."""
+    import ray
+
+    workdir = Path(cfg.workflow.workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = config_to_dict(cfg)
+    parent = None
+    tracking = None
+    if cfg.tracking.enabled:
+        from kdray.tracking import Tracker, flatten, git_commit, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(cfg.tracking.tracking_uri, workdir)
+        name = run_name or cfg.tracking.run_name or _default_run_name(cfg)
+        parent = Tracker(uri, cfg.tracking.experiment, run_name=name, tags=_lineage(cfg, git_commit()))
+        parent.log_params(flatten(cfg_dict))
+        parent.log_text(_yaml(cfg), "config.yaml")
+        tracking = {
+            "tracking_uri": uri,
+            "experiment": cfg.tracking.experiment,
+            "parent_run_id": parent.run_id,
+        }
+    try:
+        steps = ray.get(build_dag(cfg, tracking, progress=sys.stderr.isatty()).execute())
+        if parent is not None:
+            evaluation = next((s for s in steps if s.step == "evaluate"), None)
+            if evaluation is not None:
+                parent.log_text(evaluation.outputs["table"], "table.md")
+            parent.close()
+    except BaseException:
+        if parent is not None:
+            parent.close(status="FAILED")
+        raise
+    return WorkflowResult(
+        steps[-1], parent.run_id if parent else None, tracking["tracking_uri"] if tracking else None, steps
+    )
+
+
+def _default_run_name(cfg: Config) -> str:
+    student = cfg.model.name_or_path.rstrip("/").split("/")[-1]
+    teacher = cfg.teacher.name_or_path.rstrip("/").split("/")[-1]
+    return f"{cfg.objective.method}-{teacher}-to-{student}-{cfg.data.task}"
+
+
+def _lineage(cfg: Config, commit: str | None) -> dict[str, str]:
+    """Tags that say where a student came from: teacher and revision, tokenizer, loss mixture, code."""
+    mixture = " + ".join(f"{t.weight:g}*{t.name}" for t in cfg.objective.terms)
+    tags = {
+        "kdray.version": __version__,
+        "kdray.teacher": cfg.teacher.name_or_path,
+        "kdray.teacher_revision": cfg.teacher.revision or "default",
+        "kdray.tokenizer": cfg.teacher.name_or_path,
+        "kdray.student": cfg.model.name_or_path,
+        "kdray.method": cfg.objective.method,
+        "kdray.objective": mixture,
+        "kdray.task": cfg.data.task,
+    }
+    if commit:
+        tags["kdray.git_commit"] = commit
+    return tags
+
+
+def _yaml(cfg: Config) -> str:
+    from kdray.config import dump_config
+
+    return dump_config(cfg)
+
+
+def clear_step(cfg: Config, step: str) -> int:
+    """Delete the finished directories of `step` (forcing it and the steps after it to run again)."""
+    removed = 0
+    for directory in cache_root(cfg).glob(f"{step}-*"):
+        shutil.rmtree(directory)
+        removed += 1
+    return removed
