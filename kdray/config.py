@@ -89,7 +89,8 @@ class ModelConfig:
 
     _section: ClassVar[str] = "model"
     name_or_path: str = "tiny"
-    """HF hub id, local directory, or `tiny` for a small model built in code."""
+    """HF hub id, local directory, `tiny` for a small model built in code, or `teacher` with
+    `init: layer_pruned` (the student is cut from whatever model the teacher step resolved)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); None = the default branch."""
     gguf_file: str | None = None

@@ -146,9 +146,12 @@ def teacher_step(ctx: StepContext, data: StepResult) -> dict[str, Any]:
     if t.name_or_path != "tiny":
         from kdray.models.loading import load_model_config, load_tokenizer
 
-        load_tokenizer(t.name_or_path, revision=t.revision, gguf_file=t.gguf_file)
-        config = load_model_config(t.name_or_path, revision=t.revision, gguf_file=t.gguf_file)
-        return {"path": t.name_or_path, "revision": t.revision, "vocab_size": int(config.vocab_size)}
+        local = Path(t.name_or_path).expanduser()
+        # a local directory by absolute path: Ray workers do not share the driver's working directory
+        path = str(local.resolve()) if local.is_dir() else t.name_or_path
+        load_tokenizer(path, revision=t.revision, gguf_file=t.gguf_file)
+        config = load_model_config(path, revision=t.revision, gguf_file=t.gguf_file)
+        return {"path": path, "revision": t.revision, "vocab_size": int(config.vocab_size)}
     from kdray.train.trainer import distill
 
     cfg = with_overrides(
@@ -226,6 +229,7 @@ def distill_step(
     from kdray.data.cache import SignalCache
     from kdray.train.trainer import distill
 
+    _preflight(ctx.cfg, teacher.outputs["path"])
     signal = None
     if outputs.outputs.get("signal_cache"):
         signal = SignalCache(outputs.outputs["cache_dir"]).read(outputs.outputs["signal_cache"])
@@ -236,6 +240,21 @@ def distill_step(
     )  # fmt: skip
     _log_curves(ctx, run.history, "learning_curves.png")
     return {"student": str(run.export_path), "metrics": str(run.metrics_path), "final": _finite(run.final)}
+
+
+def _preflight(cfg: Config, teacher_path: str) -> None:
+    """Compare the student's and the teacher's vocabularies from tokenizer and config files before any
+    training starts; a student built in code or cut from the teacher shares its tokenizer by design."""
+    m = cfg.model
+    if m.name_or_path in ("tiny", "teacher") or m.init == "layer_pruned":
+        return
+    from kdray.teacher.preflight import preflight
+
+    preflight(
+        teacher_path, m.name_or_path, method=cfg.objective.method,
+        teacher_revision=cfg.teacher.revision, student_revision=m.revision,
+        teacher_gguf=cfg.teacher.gguf_file, student_gguf=m.gguf_file,
+    )  # fmt: skip
 
 
 def baseline_step(

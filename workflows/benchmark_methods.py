@@ -171,7 +171,8 @@ def main() -> None:
         print(row, flush=True)
 
     started = time.time()
-    teacher = args.teacher_path
+    # absolute: Ray workers do not run in this directory
+    teacher = str(Path(args.teacher_path).resolve()) if args.teacher_path else None
     if teacher is None:
         print(
             f"[teacher] training {args.teacher_size} from scratch for {args.teacher_steps} steps", flush=True
