@@ -15,7 +15,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from kdray.config import config_from_dict  # noqa: E402
+from kdray.config import config_from_dict, with_overrides  # noqa: E402
 from kdray.data import generate_arithmetic  # noqa: E402
 from kdray.models.tiny import save_tiny_checkpoint  # noqa: E402
 from kdray.train.trainer import distill, read_history  # noqa: E402
@@ -96,18 +96,27 @@ def test_run_learns_exports_and_reports_every_step(one_worker):
 
 
 def test_teacher_pass_overlaps_training(ray_session, teacher_path, tmp_path):
-    # a dataset much larger than the run consumes: the teacher streams ahead only as far as Ray Data's
-    # back-pressure lets it, so training starts long before the teacher pass ends
+    # a run that reads 480 rows: the teacher streams ahead only as far as Ray Data's back-pressure lets
+    # it, so training starts long before the teacher pass ends
     train, held_out = (
-        generate_arithmetic(1200, seed=2, difficulty=1),
+        generate_arithmetic(480, seed=2, difficulty=1),
         generate_arithmetic(8, seed=3, split="test"),
     )
-    run = distill(
-        make_cfg(teacher_path, steps=3), train, held_out, workdir=tmp_path, teacher_path=teacher_path
+    cfg = with_overrides(
+        make_cfg(teacher_path, steps=60, checkpoint_every=60, eval_every=60), {"tracking.log_every": 60}
     )
+    run = distill(cfg, train, held_out, workdir=tmp_path, teacher_path=teacher_path)
     before = run.final["teacher_rows_before_first_step"]
     assert 0 < before < 0.1 * len(train), f"{before} of {len(train)} rows were scored before the first step"
-    assert run.final["teacher_rows_scored"] >= 3 * 8
+    assert run.final["teacher_rows_scored"] == len(train) == run.final["consumed_rows"]
+
+
+def test_rows_past_what_the_run_reads_are_not_scored(ray_session, teacher_path, tmp_path):
+    train, held_out = generate_arithmetic(400, seed=4, difficulty=1), generate_arithmetic(8, seed=5)
+    run = distill(
+        make_cfg(teacher_path, steps=2), train, held_out, workdir=tmp_path, teacher_path=teacher_path
+    )
+    assert run.final["teacher_rows_scored"] == 2 * 8 == run.final["consumed_rows"]
 
 
 def test_two_workers_match_one_worker_with_twice_the_batch(

@@ -140,6 +140,7 @@ def test_killed_during_distill_rerun_skips_finished_steps_and_finishes(tmp_path)
     cfg = tiny_config(
         workdir,
         train={"max_steps": 24, "checkpoint_every": 4, "eval_every": 8},
+        tracking={"log_every": 4},  # each logged step is a Ray Train report (a barrier): keep them few
         workflow={"baseline": False},
     )
     path = write_config(tmp_path / "cfg.yaml", cfg)

@@ -206,6 +206,7 @@ def distill(
     from ray.train.torch import TorchTrainer
 
     workdir = Path(workdir).resolve()
+    train_records = _rows_consumed(cfg, train_records)
     metrics_path = workdir / name / "metrics.jsonl"
     export_path = workdir / name / "student" if export else None
     tokenizer_path = teacher_path if teacher_path else cfg.model.name_or_path
@@ -257,6 +258,15 @@ def distill(
 
             ray.kill(progress)
     return DistillRun(result, read_history(metrics_path), export_path, metrics_path)
+
+
+def _rows_consumed(cfg: Any, records: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+    """The records the run will read: steps x global batch rows in data order (epochs repeat when there
+    are fewer). Rows past that are never trained on, and scoring them would only fill the object store
+    with signal the student never reads (gigabytes at full vocabulary)."""
+    t = cfg.train
+    needed = t.max_steps * t.batch_size * t.grad_accum * t.num_workers
+    return records[:needed] if len(records) > needed else records
 
 
 def _pool_overrides(cfg: Any, teacher_path: str | None) -> dict[str, Any]:
