@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -147,7 +148,11 @@ def main() -> None:
 
     import ray
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    # on-policy methods hold a TeacherPool and the Ray Data teacher scorers beside the training worker:
+    # three 1-CPU actors, which a 2-core machine can only run oversubscribed
+    ray.init(
+        address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     from kdray.train.trainer import distill
 
@@ -166,8 +171,9 @@ def main() -> None:
 
     def record(row: dict[str, Any]) -> None:
         rows.append(row)
-        with rows_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if row["model"] not in done:  # rows of an earlier run are in the file already
+            with rows_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         print(row, flush=True)
 
     started = time.time()

@@ -212,6 +212,7 @@ def distill(
     tokenizer_path = teacher_path if teacher_path else cfg.model.name_or_path
     from kdray.data.pipeline import progress_actor
 
+    _check_capacity(cfg, scorer=signal_dataset is None and needs_signal(cfg), pool=needs_pool(cfg))
     progress = progress_actor() if signal_dataset is None and needs_signal(cfg) else None
     train_ds, eval_ds = build_datasets(
         cfg, train_records, eval_records, teacher_path=teacher_path, tokenizer_path=tokenizer_path,
@@ -258,6 +259,32 @@ def distill(
 
             ray.kill(progress)
     return DistillRun(result, read_history(metrics_path), export_path, metrics_path)
+
+
+def _check_capacity(cfg: Any, *, scorer: bool, pool: bool) -> None:
+    """Refuse a run whose actors cannot all be placed at once: Ray would wait for them forever.
+
+    An on-policy run that also streams the teacher signal holds two sets of teachers (the Ray Data
+    scorers and the TeacherPool) beside the training workers.
+    """
+    import ray
+
+    t = cfg.train
+    sets = int(scorer) + int(pool)
+    need = {
+        "CPU": t.num_workers * 1.0 + sets * cfg.teacher.replicas * cfg.teacher.num_cpus,
+        "GPU": (t.num_workers if t.use_gpu else 0.0) + sets * cfg.teacher.replicas * cfg.teacher.num_gpus,
+    }
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0)}
+    if short:
+        detail = ", ".join(f"{k}: needs {v:g}, the cluster has {h:g}" for k, (v, h) in short.items())
+        raise RuntimeError(
+            f"this run cannot place all its actors at once ({detail}): {t.num_workers} training worker(s)"
+            f"{', the teacher scorers' if scorer else ''}{', the on-policy TeacherPool' if pool else ''}. "
+            "Precompute the signal (the workflow's teacher_outputs step), lower teacher.replicas or "
+            "teacher.num_cpus, or add nodes (ray.init(num_cpus=...) oversubscribes a small machine)."
+        )
 
 
 def _rows_consumed(cfg: Any, records: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
