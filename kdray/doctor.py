@@ -97,7 +97,11 @@ def check_ray() -> list[Check]:
     finally:
         if ray.is_initialized() and address == "local":
             ray.shutdown()
-    shown = ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if not k.startswith("node:"))
+    shown = ", ".join(
+        f"{k}={v / 2**30:.1f}GiB" if "memory" in k else f"{k}={v:g}"
+        for k, v in sorted(resources.items())
+        if not k.startswith("node:")
+    )
     status = "ok"
     custom = [k for k in resources if k in ("teacher", "student")]
     detail = f"{nodes} node(s) at {address}: {shown}"

@@ -1,0 +1,59 @@
+"""The `kdray` command line: run/eval/doctor argument handling, held-out scoring of a saved model, and
+the doctor's verdicts (a real unreachable MLflow URI, a real local store)."""
+
+from __future__ import annotations
+
+import socket
+
+from kdray.cli import build_parser, main
+from kdray.doctor import Check, check_mlflow, doctor
+from kdray.models.tiny import save_tiny_checkpoint
+
+
+def test_run_refuses_a_bad_config_with_the_key_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_stepz: 3\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "max_stepz" in err and "max_steps" in err
+
+
+def test_run_parses_overrides_after_the_config():
+    args = build_parser().parse_args(["run", "--config", "c.yaml", "train.lr=1e-3", "teacher.top_k=8"])
+    assert args.config == "c.yaml" and args.overrides == ["train.lr=1e-3", "teacher.top_k=8"]
+
+
+def test_eval_scores_a_saved_model_on_the_held_out_split(tmp_path, capsys):
+    model = save_tiny_checkpoint(tmp_path / "m", hidden_size=32, num_layers=1, seed=0)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("data:\n  task: arithmetic\n  format: generated\n  max_response_tokens: 8\n")
+    assert main(["eval", str(model), "--config", str(cfg), "--limit", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "| model (arithmetic, 4 held-out) | exact_match |" in table and str(model) in table
+    assert main(["eval", str(tmp_path / "missing"), "--config", str(cfg)]) == 2
+
+
+def test_doctor_fails_on_an_unreachable_tracking_server(capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (check,) = check_mlflow(f"http://127.0.0.1:{port}")
+    assert check.status == "FAIL" and "unreachable" in check.detail
+
+
+def test_doctor_accepts_a_writable_local_store(tmp_path):
+    (check,) = check_mlflow(f"sqlite:///{tmp_path}/mlflow.db")
+    assert check.status == "ok"
+
+
+def test_doctor_exit_code_and_crashing_checks(capsys):
+    def fine():
+        return [Check("a", "ok", "fine"), Check("b", "warn", "slow")]
+
+    def broken():
+        raise OSError("disk on fire")
+
+    assert doctor((fine,)) == 0
+    assert doctor((fine, broken)) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  broken" in out and "disk on fire" in out
