@@ -19,10 +19,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kdray.spool import Spool, check_spool_free, default_spool_root, open_spool
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -132,7 +134,7 @@ class Tracker:
         self.enabled = enabled and rank == 0
         self._run_id = run_id
         self._experiment_id = _experiment_id
-        self._spool: _Spool | None = None
+        self._spool: Spool | None = None
         self._closed = False
         if not self.enabled:
             return
@@ -146,11 +148,11 @@ class Tracker:
         self._client = MlflowClient(tracking_uri)
         self._create_timeout_s = create_timeout_s
         if spool_dir is not None:
-            _check_spool_free(Path(spool_dir), run_id)  # before a run is created that could not use it
+            check_spool_free(Path(spool_dir), run_id)  # before a run is created that could not use it
         if run_id is None:
             self._run_id = self._create_run(experiment, run_name, parent_run_id, tags or {})
-        root = _spool_root or _default_spool_root()
-        self._spool = _open_spool(Path(spool_dir) if spool_dir else None, root, self.run_id)
+        root = _spool_root or default_spool_root()
+        self._spool = open_spool(Path(spool_dir) if spool_dir else None, root, self.run_id)
         if run_id is not None and tags:
             self.set_tags(tags)
         self._flush_interval_s = flush_interval_s
@@ -517,139 +519,6 @@ class Tracker:
             )
         else:
             raise ValueError(f"unreadable spool record {first!r}")
-
-
-class _Spool:
-    """Append-only JSONL of tracking calls, and the byte offset up to which the server has them."""
-
-    def __init__(self, directory: Path, run_id: str, lock_fd: int | None) -> None:
-        self.dir = directory
-        self.path = directory / "spool.jsonl"
-        self._offset_path = directory / "spool.offset"
-        self._lock_fd = lock_fd
-        (directory / "spool.run").write_text(run_id)
-        self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the tracker's lifetime
-        self.written = self._file.tell()
-        self.sent = _read_offset(self._offset_path)
-        if self.sent >= self.written:  # all sent by an earlier tracker (or empty): start afresh
-            self._file.truncate(0)
-            self.written = 0
-            self.advance(0)
-        elif _last_byte(self.path) != b"\n":
-            self._file.write(b"\n")  # a crash mid-line: terminate it, the reader skips it as unreadable
-            self._file.flush()
-            self.written = self._file.tell()
-        self._lock = threading.Lock()
-
-    def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n"
-        with self._lock:
-            try:
-                self._file.write(line)
-                self._file.flush()  # to the OS: survives a crash of this process
-            except (OSError, ValueError) as err:
-                logger.warning("tracking call lost: could not write the spool %s: %s", self.path, err)
-                return
-            self.written += len(line)
-
-    def read(self, start: int, limit: int = 5000) -> list[tuple[int, dict[str, Any]]]:
-        """Complete lines from byte `start` on, as (offset after the line, record)."""
-        out: list[tuple[int, dict[str, Any]]] = []
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            offset = start
-            for raw in f:
-                if not raw.endswith(b"\n") or len(out) >= limit:
-                    break
-                offset += len(raw)
-                try:
-                    out.append((offset, json.loads(raw)))
-                except ValueError:
-                    out.append((offset, {"op": "unreadable", "line": raw[:200].decode(errors="replace")}))
-        return out
-
-    def advance(self, offset: int) -> None:
-        tmp = self._offset_path.with_suffix(".tmp")
-        tmp.write_text(str(offset))
-        os.replace(tmp, self._offset_path)  # atomic: a crash never leaves a half-written offset
-        self.sent = offset
-
-    def release(self) -> None:
-        with self._lock:
-            self._file.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    def remove(self) -> None:
-        """Everything was sent: delete the spool (children's spools, if any, stay)."""
-        self.release()
-        for name in ("spool.jsonl", "spool.offset", "spool.run", "spool.lock"):
-            (self.dir / name).unlink(missing_ok=True)
-        shutil.rmtree(self.dir / "files", ignore_errors=True)
-        for directory in (self.dir / "children", self.dir):
-            with suppress(OSError):
-                directory.rmdir()  # not empty while a child's spool is left
-
-
-def _open_spool(explicit: Path | None, root: Path, run_id: str) -> _Spool:
-    """The explicit dir, else `<root>/<run_id>` (resumed if a dead process left it), else a fresh sibling."""
-    candidates = (
-        [explicit] if explicit else [root / run_id, root / f"{run_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"]
-    )
-    for directory in candidates:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = _try_lock(directory / "spool.lock")
-        if fd is not False:
-            return _Spool(directory, run_id, fd)
-    raise ValueError(f"spool dir {explicit} is in use by another live Tracker; give each tracker its own")
-
-
-def _check_spool_free(directory: Path, run_id: str | None) -> None:
-    """Refuse a spool holding unsent calls of another run: they would be sent to the wrong run."""
-    run_file = directory / "spool.run"
-    if not run_file.is_file() or not (directory / "spool.jsonl").is_file():
-        return
-    other = run_file.read_text().strip()
-    unsent = (directory / "spool.jsonl").stat().st_size > _read_offset(directory / "spool.offset")
-    if unsent and other != run_id:
-        raise ValueError(
-            f"spool dir {directory} holds unsent calls of run {other}; resend them with "
-            f"Tracker(uri, experiment, run_id={other!r}, spool_dir={str(directory)!r}).close() or use another dir"
-        )
-
-
-def _try_lock(path: Path) -> int | bool | None:
-    """An exclusive lock on the spool: fd, None where flock does not exist, False if another holder has it."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return False
-    return fd
-
-
-def _default_spool_root() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "kdray" / "mlflow-spool"
-
-
-def _read_offset(path: Path) -> int:
-    try:
-        return int(path.read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1)
 
 
 def _take_unit(records: list[tuple[int, dict[str, Any]]], single: bool) -> list[tuple[int, dict[str, Any]]]:
