@@ -265,6 +265,8 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         f"Seed {args.seed}; {args.train_examples} training examples, {args.eval_examples} held-out; teacher {args.teacher_size} "
         f"(hidden x layers) for {args.teacher_steps} steps, students {args.student_size} for {args.student_steps} steps, batch {args.batch_size}.",
         f"Machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, CPU only.",
+        "Rows accumulate in the .jsonl beside this file across invocations with these arguments (each may"
+        " run a `--methods` subset; `--teacher-path` reuses the teacher, which is deterministic).",
         "",
         f"| model | parameters | {metric} | eval loss | minutes |",
         "|---|---:|---:|---:|---:|",
@@ -277,9 +279,18 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 
 
 def _argv() -> list[str]:
+    """The arguments that shape the rows (not which rows this invocation ran or reused)."""
     import sys
 
-    return sys.argv[1:]
+    out, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--methods", "--teacher-path", "--out"):
+            skip = True
+        elif arg != "--report-only" and not arg.startswith(("--methods=", "--teacher-path=", "--out=")):
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":
