@@ -8,6 +8,7 @@ and every piece of method state, and resumes from the latest checkpoint after a 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -233,6 +234,8 @@ def _progress_bar(spec: LoopSpec, rank: int, start: int) -> Any:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` is `spec_to_config(LoopSpec(...))`."""
+    # Ray Train logs every report (the whole metrics dict) at INFO; kdray prints its own progress
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     _Loop(LoopSpec(**config)).run()
 
 
@@ -345,7 +348,10 @@ class _Loop:
             else None
         )
         _log(spec, self.rank, metrics, self.tracker)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if ckpt_now or eval_now:
+            # a report is a barrier through Ray Train's controller (about a second each on 2 cores): only
+            # checkpoints and evaluations need it; plain log steps go to the metrics file and MLflow only
+            ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
 
