@@ -424,6 +424,8 @@ def run_step(
             result = StepResult(step, key, str(directory), recorded, True, 0.0)
         else:
             print(f"[{step}] running -> {directory}", flush=True)
+            if not cfg.workflow.resume:  # from scratch: no checkpoint of an earlier attempt is resumed
+                shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True, exist_ok=True)
             (directory / DONE).unlink(missing_ok=True)
             ctx = StepContext(step, key, directory, cfg, tracker, bool(options.get("progress")))

@@ -17,6 +17,7 @@ ray = pytest.importorskip("ray")
 
 from kdray.config import config_from_dict, with_overrides  # noqa: E402
 from kdray.data import generate_arithmetic  # noqa: E402
+from kdray.models.build import load_reward_head  # noqa: E402
 from kdray.models.tiny import save_tiny_checkpoint  # noqa: E402
 from kdray.train.trainer import distill, read_history  # noqa: E402
 
@@ -92,7 +93,9 @@ def test_run_learns_exports_and_reports_every_step(one_worker):
         one_worker.history[2]
     )
     assert (one_worker.export_path / "config.json").is_file()
-    assert not any("reward" in p.name for p in one_worker.export_path.iterdir())  # the head is not exported
+    # the reward head goes beside the HF checkpoint (transformers ignores it) and loads back
+    head = load_reward_head(one_worker.export_path)
+    assert head is not None and head.proj.weight.shape[1] == 32
 
 
 def test_teacher_pass_overlaps_training(ray_session, teacher_path, tmp_path):
