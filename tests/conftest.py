@@ -34,3 +34,16 @@ def smollm2_dir(tmp_path_factory) -> Path:
     except FileNotFoundError as err:
         pytest.skip(str(err))
     return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port, one per test module (it takes seconds to start)."""
+    import signal
+
+    from servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop(signal.SIGTERM)

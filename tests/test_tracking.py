@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from servers import MlflowServer, free_port
+from servers import free_port
 
 from kdray.plots import learning_curves, reward_heatmap
 from kdray.tracking import Tracker, TrackingUnavailableError, flatten, git_commit, resolve_tracking_uri
@@ -322,11 +322,8 @@ def test_reward_heatmap_is_centred_at_zero_and_labelled():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    srv.start()
-    yield srv
-    srv.stop(signal.SIGTERM)
+def server(mlflow_server):
+    return mlflow_server
 
 
 def test_server_parent_and_nested_child_over_http(server, tmp_path):

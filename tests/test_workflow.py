@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import MlflowServer, RayHead, submit, subprocess_env
+from servers import RayHead, submit, subprocess_env
 
 from kdray.config import config_from_dict, with_overrides
 from kdray.workflow import StepResult, format_table, step_key
@@ -186,14 +186,6 @@ def test_killed_during_distill_rerun_skips_finished_steps_and_finishes(tmp_path)
 
 
 # ------------------------------------------------------------------------------ ray job submit
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    server.start()
-    yield server
-    server.stop(signal.SIGTERM)
 
 
 @pytest.mark.slow
