@@ -204,7 +204,9 @@ def _log(spec: LoopSpec, rank: int, metrics: dict[str, float], tracker: Any = No
         )
         sys.stdout.flush()
     if tracker is not None:
-        numeric = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+        # bookkeeping (a pid, a wall-clock stamp) stays in metrics.jsonl; MLflow gets the curves
+        skip = {"step", "worker_pid", "first_step_at"}
+        numeric = {k: v for k, v in metrics.items() if k not in skip and isinstance(v, (int, float))}
         tracker.log_metrics(numeric, step=int(metrics["step"]))
 
 
