@@ -97,12 +97,56 @@ class _State:
                 getattr(self, name).load_state_dict(state[name])
 
 
-def _device(use_gpu: bool) -> torch.device:
-    if use_gpu and torch.cuda.is_available():
+class RayTrainSession:
+    """How the loop talks to its runner inside a Ray Train worker: the worker's rank, its dataset shards,
+    the latest checkpoint, and `report` (a barrier through Ray Train's controller).
+
+    `kdray.tune` runs the same loop inside a Tune trial through a session of the same shape, so a sweep's
+    trial trains exactly as the workflow's distill step does.
+    """
+
+    flush_before_report = False
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def dataset(self, name: str) -> Any:
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def checkpoint(self) -> Any:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def make_checkpoint(self, directory: str) -> Any:
+        from ray.train import Checkpoint
+
+        return Checkpoint.from_directory(directory)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def device(self, use_gpu: bool) -> torch.device:
+        if use_gpu and torch.cuda.is_available():
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        return torch.device("cpu")
+
+    def prepare(self, student: Student) -> Any:
+        """DDP across the workers (gloo on CPU, nccl on GPU); one worker trains the bare module."""
+        if self.world_size == 1:
+            return student
         import ray.train.torch
 
-        return ray.train.torch.get_device()
-    return torch.device("cpu")
+        return ray.train.torch.prepare_model(student, parallel_strategy="ddp")
 
 
 def _build(spec: LoopSpec, device: torch.device) -> tuple[Student, Any, Any, Any]:
@@ -123,10 +167,8 @@ def _build(spec: LoopSpec, device: torch.device) -> tuple[Student, Any, Any, Any
     return student, tokenizer, optimizer, scheduler
 
 
-def _restore(student: Student, optimizer: Any, scheduler: Any, state: _State) -> None:
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+def _restore(student: Student, optimizer: Any, scheduler: Any, state: _State, session: Any) -> None:
+    checkpoint = session.checkpoint()
     if checkpoint is None:
         return
     with checkpoint.as_directory() as directory:
@@ -138,11 +180,9 @@ def _restore(student: Student, optimizer: Any, scheduler: Any, state: _State) ->
     torch.set_rng_state(saved["torch_rng"])
 
 
-def _checkpoint(student: Student, optimizer: Any, scheduler: Any, state: _State, rank: int) -> Any:
+def _checkpoint(student: Student, optimizer: Any, scheduler: Any, state: _State, session: Any) -> Any:
     """Rank 0 writes the checkpoint; the other ranks report none (Ray merges them into one)."""
-    from ray.train import Checkpoint
-
-    if rank != 0:
+    if session.rank != 0:
         return None
     directory = tempfile.mkdtemp(prefix="kdray-ckpt-")
     torch.save(
@@ -155,7 +195,7 @@ def _checkpoint(student: Student, optimizer: Any, scheduler: Any, state: _State,
         },
         Path(directory) / "state.pt",
     )
-    return Checkpoint.from_directory(directory)
+    return session.make_checkpoint(directory)
 
 
 def _all_reduce_sum(values: dict[str, float], keys: list[str]) -> dict[str, float]:
@@ -238,7 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` is `spec_to_config(LoopSpec(...))`."""
     # Ray Train logs every report (the whole metrics dict) at INFO; kdray prints its own progress
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
-    _Loop(LoopSpec(**config)).run()
+    _Loop(LoopSpec(**config), RayTrainSession()).run()
 
 
 def _unwrap(student: Any) -> Student:
@@ -246,20 +286,20 @@ def _unwrap(student: Any) -> Student:
 
 
 class _Loop:
-    """One worker's training run: built once, then `run()` steps until `max_steps`."""
+    """One worker's training run: built once, then `run()` steps until `max_steps`.
 
-    def __init__(self, spec: LoopSpec) -> None:
-        import ray.train
+    `session` is where it runs: a `RayTrainSession` in a Ray Train worker, or `kdray.tune`'s session in
+    a Tune trial (one worker, data read in-process, reports to Tune).
+    """
 
-        self.spec = spec
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.device = _device(spec.use_gpu)
+    def __init__(self, spec: LoopSpec, session: Any) -> None:
+        self.spec, self.session = spec, session
+        self.rank, self.world_size = session.rank, session.world_size
+        self.device = session.device(spec.use_gpu)
         self.student, self.tokenizer, self.optimizer, self.scheduler = _build(spec, self.device)
         self.state = _State(spec)
-        _restore(self.student, self.optimizer, self.scheduler, self.state)
-        if self.world_size > 1:
-            self.student = ray.train.torch.prepare_model(self.student, parallel_strategy="ddp")
+        _restore(self.student, self.optimizer, self.scheduler, self.state, session)
+        self.student = session.prepare(self.student)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.objective = build_objective(spec.terms)
@@ -268,23 +308,23 @@ class _Loop:
             grad_clip=spec.grad_clip, chunk_size=spec.loss_chunk_size, vocab_size=len(tok), autocast_bf16=bf16
         )
         self.stream = micro_batches(
-            ray.train.get_dataset_shard("train"), spec.batch_size, self.pad_id,
-            skip=self.state.consumed * spec.grad_accum,
-        )  # fmt: skip
-        self.eval_shard = ray.train.get_dataset_shard("eval")
+            session.dataset("train"), spec.batch_size, self.pad_id, skip=self.state.consumed * spec.grad_accum
+        )
+        self.eval_shard = session.dataset("eval")
         self.source = OnPolicySource(spec, self.state, _unwrap(self.student), tok, self.rank)
         self.first_step_at: float | None = None
 
     def run(self) -> None:
         spec, state = self.spec, self.state
-        self.tracker = _tracker(spec, self.rank)
+        owned = getattr(self.session, "tracker", None)  # a Tune trial's own run, which the trial ends
+        self.tracker = owned or _tracker(spec, self.rank)
         bar = _progress_bar(spec, self.rank, state.step)
         try:
             self._steps(bar)
         finally:
             if bar is not None:
                 bar.close()
-            if self.tracker is not None:
+            if self.tracker is not None and owned is None:
                 self.tracker.close(status=None, timeout_s=30)  # the step that owns the run ends it
 
     def _steps(self, bar: Any) -> None:
@@ -313,8 +353,6 @@ class _Loop:
     def _report(self, logs: dict[str, float], tokens_per_s: float) -> None:
         """Metrics every `log_every` steps and at eval/checkpoint steps; every decision here depends on
         the step only, because `ray.train.report` is a barrier that every rank must reach together."""
-        import ray.train
-
         spec, state = self.spec, self.state
         step, last = state.step, state.step == spec.max_steps
         eval_now = self.eval_shard is not None and (step % spec.eval_every == 0 or last)
@@ -345,7 +383,7 @@ class _Loop:
         if not (ckpt_now or eval_now or step % spec.log_every == 0):
             return
         checkpoint = (
-            _checkpoint(_unwrap(self.student), self.optimizer, self.scheduler, state, self.rank)
+            _checkpoint(_unwrap(self.student), self.optimizer, self.scheduler, state, self.session)
             if ckpt_now
             else None
         )
@@ -353,7 +391,10 @@ class _Loop:
         if ckpt_now or eval_now:
             # a report is a barrier through Ray Train's controller (about a second each on 2 cores): only
             # checkpoints and evaluations need it; plain log steps go to the metrics file and MLflow only
-            ray.train.report(metrics, checkpoint=checkpoint)
+            if self.tracker is not None and self.session.flush_before_report:
+                # a Tune trial stopped early never returns from this report: its curves must be sent
+                self.tracker.flush(timeout_s=15)
+            self.session.report(metrics, checkpoint)
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
 
