@@ -128,5 +128,21 @@ class SignalCache:
             raise FileNotFoundError(
                 f"no complete teacher-signal cache entry {key!r} under {self.root} (missing {self.path(key)}/_SUCCESS)"
             )
-        ds = ray.data.read_parquet(str(self.path(key)), file_extensions=["parquet"])
+        ds = ray.data.read_parquet([str(f) for f in self.files(key)])
         return ds.map_batches(_expand_batch, batch_size=None)
+
+    def files(self, key: str) -> list[Path]:
+        """The entry's parquet files in write order (Ray names them by write task index, zero-padded):
+        every reader (Ray Data here, a Tune trial's in-process reader) sees the rows in one order."""
+        if not self.complete(key):
+            raise FileNotFoundError(
+                f"no complete teacher-signal cache entry {key!r} under {self.root} (missing {self.path(key)}/_SUCCESS)"
+            )
+        return sorted(self.path(key).glob("*.parquet"))
+
+    def local(self, key: str) -> Any:
+        """The entry as a `LocalDataset` read with pyarrow in this process (no Ray Data tasks): what a
+        Tune trial trains on, in the same row order and with the same dtypes as `read`."""
+        from kdray.data.local import LocalDataset
+
+        return LocalDataset.from_parquet(self.files(key), transform=_expand_batch)
