@@ -21,6 +21,36 @@ import numpy as np
 
 Signal = dict[str, np.ndarray]
 
+#: a file each teacher process appends one JSON line to per forward pass (op, rows, tokens, pid): the
+#: audit of what a run or a sweep cost in teacher compute, whichever processes the teachers ran in
+LEDGER_ENV = "KDRAY_TEACHER_LEDGER"
+
+
+def _ledger(op: str, rows: int, tokens: int) -> None:
+    path = os.environ.get(LEDGER_ENV)
+    if not path:
+        return
+    import json
+    import time
+
+    line = json.dumps({"op": op, "rows": rows, "tokens": tokens, "pid": os.getpid(), "t": time.time()})
+    # one O_APPEND write per line: lines from many processes never interleave
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def read_ledger(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The forward passes recorded in a teacher ledger file (see `LEDGER_ENV`)."""
+    import json
+
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
 
 class Teacher:
     """Serve a causal LM (hub name or local path; transformers or vLLM backend) as a distillation teacher."""
@@ -118,6 +148,7 @@ class Teacher:
         k = self.top_k if k is None else self._check_k(k)
         fitted = self._fit(sequences)
         rows = self.backend.logprobs(fitted, k, temperature=self.temperature)
+        _ledger("logprobs", len(fitted), sum(len(x) for x in fitted))
         b = len(sequences)
         out = {
             "topk_ids": np.zeros((b, width, k), np.int32),
@@ -170,6 +201,7 @@ class Teacher:
         samples = self.backend.generate(
             encoded, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
         )
+        _ledger("generate", len(encoded) * n, sum(len(s) for per in samples for s in per))
         return [
             [
                 {"text": self.tokenizer.decode(s, skip_special_tokens=True), "token_ids": s, "prompt_ids": p}
