@@ -29,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--run-name", default=None, help="MLflow name of the workflow's parent run")
     run.add_argument("--fresh", action="store_true", help="ignore finished steps and run everything again")
+    sweep = sub.add_parser(
+        "sweep", help="Ray Tune search over the config's tune.search_space (resumes an interrupted sweep)"
+    )
+    sweep.add_argument("--config", required=True, help="YAML config with a tune: section")
+    sweep.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. tune.num_samples=16")
+    sweep.add_argument(
+        "--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)"
+    )
+    sweep.add_argument("--run-name", default=None, help="MLflow name of the sweep's parent run")
     ev = sub.add_parser("eval", help="score saved models on the held-out split of a config")
     ev.add_argument("models", nargs="+", help="model directories (HF checkpoints, e.g. an exported student)")
     ev.add_argument("--config", required=True, help="YAML config naming the task and its data")
@@ -63,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         from kdray.run import run_command
 
         return run_command(args)
+    if args.command == "sweep":
+        from kdray.run import sweep_command
+
+        return sweep_command(args)
     if args.command == "eval":
         from kdray.run import eval_command
 

@@ -368,23 +368,30 @@ class SearchDim:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """The Ray Tune sweep over the loss mixture and training knobs."""
+    """The Ray Tune sweep over the loss mixture and training knobs (`kdray sweep`)."""
 
     _section: ClassVar[str] = "tune"
+    name: str = "sweep"
+    """The sweep's directory under `<workflow.workdir>/sweeps/`; re-running a name resumes that sweep."""
     num_samples: int = 8
     """Trials to run (each grid point is repeated this many times)."""
     max_concurrent: int | None = None
-    """Trials running at once; None = as many as the cluster fits."""
+    """Trials running at once; None = as many as the cluster fits (one CPU, or one GPU, per trial)."""
     metric: str = "eval_loss"
-    """Reported metric the sweep optimises."""
+    """Reported metric the sweep optimises (held-out, reported at every `train.eval_every` step)."""
     mode: Literal["min", "max"] = "min"
     """Whether `metric` is minimised or maximised."""
     scheduler: Literal["asha", "fifo"] = "asha"
     """Trial scheduler: ASHA stops bad trials early, FIFO runs every trial to the end."""
     grace_period: int = 1
     """ASHA: evaluations a trial runs before it can be stopped."""
-    max_iterations: int = 10
-    """ASHA: evaluations of the longest trial."""
+    reduction_factor: float = 2.0
+    """ASHA: at each rung only the best 1/reduction_factor of the trials go on."""
+    max_iterations: int | None = None
+    """ASHA's horizon: evaluations after which trials are no longer compared (they still run to
+    `train.max_steps`); None = every evaluation of `train.max_steps`."""
+    seed: int = 0
+    """Seed of the random search (the same seed samples the same trials)."""
     search_space: Mapping[str, SearchDim] = field(default_factory=dict)
     """Dimensions keyed by the dotted config path they set, e.g. `train.lr` or `objective.terms.0.weight`."""
 
@@ -392,7 +399,10 @@ class TuneConfig:
         for name in ("num_samples", "max_concurrent", "grace_period", "max_iterations"):
             _at_least(self, name, 1)
         _non_empty(self, "metric")
-        if self.grace_period > self.max_iterations:
+        _non_empty(self, "name")
+        if self.reduction_factor <= 1:
+            _fail("tune.reduction_factor", self.reduction_factor, "> 1")
+        if self.max_iterations is not None and self.grace_period > self.max_iterations:
             _fail("tune.grace_period", self.grace_period, f"<= tune.max_iterations ({self.max_iterations})")
 
 

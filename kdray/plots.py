@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["learning_curves", "reward_heatmap"]
+__all__ = ["learning_curves", "reward_heatmap", "search_plot"]
 
 # whitespace tokens are invisible in a cell: show them as symbols
 _VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "": "∅"}
@@ -55,6 +55,50 @@ def learning_curves(history: Sequence[Mapping[str, Any]], keys: Sequence[str] | 
     if not families:
         axes[0].text(0.5, 0.5, "no metrics logged", ha="center", va="center", transform=axes[0].transAxes)
     axes[-1].set_xlabel("step")
+    return fig
+
+
+_STATUS_STYLE = {"completed": ("o", "tab:blue"), "stopped early": ("x", "tab:orange")}
+
+
+def search_plot(trials: Sequence[Mapping[str, Any]], metric: str, types: Mapping[str, str]) -> Figure:
+    """A sweep at a glance: the metric (last reported) against each searched value, one subplot per
+    dimension; trials that ran to the end and trials ASHA stopped early drawn differently, failed ones
+    counted in the title. Log-uniform dimensions get a log axis; choices are spread as categories."""
+    from matplotlib.figure import Figure
+
+    dims = list(types)
+    n = max(1, len(dims))
+    fig = Figure(figsize=(4.2 * n, 3.6), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    failed = sum(1 for t in trials if t.get("status") == "failed")
+    for ax, dim in zip(axes, dims, strict=False):
+        categorical = types[dim] in ("choice", "grid") and any(
+            not isinstance(t["config"].get(dim), (int, float)) or isinstance(t["config"].get(dim), bool)
+            for t in trials
+        )
+        levels = sorted({str(t["config"].get(dim)) for t in trials}) if categorical else []
+        for status, (marker, color) in _STATUS_STYLE.items():
+            xs, ys = [], []
+            for t in trials:
+                y = _finite(t.get("metric"))
+                if t.get("status") != status or y is None:
+                    continue
+                value = t["config"].get(dim)
+                xs.append(levels.index(str(value)) if categorical else value)
+                ys.append(y)
+            if xs:
+                ax.scatter(xs, ys, marker=marker, color=color, label=status)
+        if categorical:
+            ax.set_xticks(range(len(levels)), levels, rotation=20)
+        elif types[dim] == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(dim)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small", loc="best")
+    title = f"{len(trials)} trials"
+    fig.suptitle(title + (f" ({failed} failed, not drawn)" if failed else ""))
     return fig
 
 

@@ -58,6 +58,41 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_command(args: argparse.Namespace) -> int:
+    """Run (or resume) the sweep of `args.config`; print the trials, the best config and the MLflow run."""
+    from kdray.config import ConfigError
+
+    cfg = _load(args.config, list(args.overrides))
+    if cfg is None:
+        return 2
+    from kdray.tune.space import check_shared_teacher_pass, check_trials_fit
+
+    try:  # said before Ray starts
+        check_trials_fit(cfg)
+        check_shared_teacher_pass(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    init_ray(args.address)
+    from kdray.tune import run_sweep
+
+    result = run_sweep(cfg, run_name=args.run_name)
+    print("\n" + result.table(cfg.tune.metric))
+    failed = [t for t in result.trials if t["status"] == "failed"]
+    for t in failed:
+        print(f"\ntrial {t['trial_id']} failed: {t['error']}")
+    if result.best_config_path is not None:
+        print(
+            f"\nbest: trial {result.best['trial_id']}, {cfg.tune.metric} = {result.best['metric']:.4f}"
+            f"\nbest config: {result.best_config_path}"
+            f"\n  python workflows/xkd.py --config {result.best_config_path}"
+        )
+    print(f"search plot: {result.directory / 'search.png'}")
+    if result.tracking_uri:
+        print("\n" + mlflow_hint(result.tracking_uri, result.parent_run_id))
+    return 0 if result.best is not None else 1
+
+
 def mlflow_hint(tracking_uri: str, run_id: str | None) -> str:
     """How to look at the run in the MLflow UI."""
     if tracking_uri.startswith(("http://", "https://")):

@@ -546,6 +546,24 @@ def _is_permanent(err: BaseException) -> bool:
     return getattr(err, "error_code", None) in _PERMANENT_CODES
 
 
+def find_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> str | None:
+    """The id of the newest run of `experiment` carrying every tag in `tags`, or None: how a resumed
+    Tune trial finds the MLflow run it started before its sweep was interrupted."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = _retry(
+        lambda: client.search_runs([found.experiment_id], filter_string=where, max_results=1,
+                                   order_by=["attributes.start_time DESC"]),
+        attempts=5, what=f"searching runs of {experiment!r}",
+    )  # fmt: skip
+    return runs[0].info.run_id if runs else None
+
+
 def _experiment_id(client: Any, name: str) -> str:
     from mlflow.exceptions import MlflowException
 

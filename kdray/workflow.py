@@ -503,6 +503,34 @@ def build_dag(cfg: Config, tracking: dict[str, Any] | None = None, *, progress: 
     return ray.remote(num_cpus=0, scheduling_strategy=here)(_gather).bind(*nodes)
 
 
+def run_teacher_steps(cfg: Config, tracking: dict[str, Any] | None = None) -> list[StepResult]:
+    """Run (or reuse) data → teacher → teacher_outputs: what every trial of a sweep shares. The teacher
+    is trained or checked once and scores the data once; the trials only read the cache it writes."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_step)
+    d = config_to_dict(cfg)
+    options = {"tracking": tracking, "progress": sys.stderr.isatty()}
+    data = ray.get(task.options(name="kdray:data").remote("data", d, options))
+    teacher = ray.get(task.options(name="kdray:teacher").remote("teacher", d, options, data))
+    outputs = ray.get(
+        task.options(name="kdray:teacher_outputs").remote("teacher_outputs", d, options, data, teacher)
+    )
+    return [data, teacher, outputs]
+
+
+def prefix_keys(cfg: Config) -> dict[str, str]:
+    """The cache keys of data, teacher and teacher_outputs for `cfg`, computed without running them."""
+    keys: dict[str, str] = {}
+    inputs: list[StepResult] = []
+    for step in ("data", "teacher", "teacher_outputs"):
+        keys[step] = step_key(step, cfg, inputs)
+        inputs = [*inputs, StepResult(step, keys[step], "", {}, True, 0.0)]
+    return keys
+
+
 def _gather(*results: StepResult) -> list[StepResult]:
     """The DAG's sink: every step's result, in order, for the summary."""
     return list(results)

@@ -310,7 +310,10 @@ def test_wrong_types_name_the_field_the_value_and_the_allowed(
         ("model:\n  init: layer_pruned\n  keep_every: 1\n", ["model.keep_every = 1", ">= 2"]),
         ("data:\n  format: jsonl\n", ["data.source = None", "'jsonl'"]),
         ("workflow:\n  steps: [data, data]\n", ["workflow.steps", "at most once"]),
-        ("tune:\n  grace_period: 20\n", ["tune.grace_period = 20", "<= tune.max_iterations (10)"]),
+        (
+            "tune:\n  grace_period: 20\n  max_iterations: 10\n",
+            ["tune.grace_period = 20", "<= tune.max_iterations (10)"],
+        ),
     ],
 )
 def test_out_of_range_values_name_the_field_the_value_and_the_range(
