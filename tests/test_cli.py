@@ -23,6 +23,21 @@ def test_run_parses_overrides_after_the_config():
     assert args.config == "c.yaml" and args.overrides == ["train.lr=1e-3", "teacher.top_k=8"]
 
 
+def test_sweep_refuses_bad_search_spaces_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("tune:\n  num_samples: 2\n")
+    assert main(["sweep", "--config", str(cfg)]) == 2
+    assert "tune.search_space is empty" in capsys.readouterr().err
+    cfg.write_text("tune:\n  search_space:\n    teacher.top_k: {type: choice, values: [8, 16]}\n")
+    assert main(["sweep", "--config", str(cfg)]) == 2
+    assert "changes the teacher step" in capsys.readouterr().err
+    assert main(["sweep", "--config", str(cfg), "tune.search_space={}", "train.num_workers=2"]) == 2
+    assert "train.num_workers = 2" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 def test_eval_scores_a_saved_model_on_the_held_out_split(tmp_path, capsys):
     model = save_tiny_checkpoint(tmp_path / "m", hidden_size=32, num_layers=1, seed=0)
     cfg = tmp_path / "cfg.yaml"
