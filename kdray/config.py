@@ -289,6 +289,8 @@ class TrainConfig:
     """Give each worker one GPU."""
     resources: Mapping[str, float] = field(default_factory=dict)
     """Custom Ray resources per worker, e.g. {student: 1} to pin workers to the student node type."""
+    cpus_per_worker: int = 1
+    """CPUs each worker holds and trains with (torch threads): more than 1 pays off for CPU training."""
     batch_size: int = 8
     """Sequences per worker per micro-step."""
     grad_accum: int = 1
@@ -319,7 +321,7 @@ class TrainConfig:
     """Seed of the student's initialisation and of sampling."""
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "batch_size", "grad_accum", "max_steps"):
+        for name in ("num_workers", "cpus_per_worker", "batch_size", "grad_accum", "max_steps"):
             _at_least(self, name, 1)
         for name in ("checkpoint_every", "eval_every", "loss_chunk_size"):
             _at_least(self, name, 1)

@@ -27,7 +27,20 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=target, log_to_driver=True)
+    if target != "local":
+        ray.init(address=target, log_to_driver=True)
+        return
+    ray.init(address="local", num_cpus=local_cpus(), log_to_driver=True)
+
+
+def local_cpus() -> int:
+    """Logical CPUs of a private local Ray: the cores, and at least 4. Training workers and teacher
+    actors each hold whole CPUs while Ray Data's readers and tokenizers need slivers beside them; on a
+    2-core laptop the SFT baseline and the student train side by side (one core each) and their data
+    pipelines still get scheduled. `$KDRAY_LOCAL_CPUS` sets the number."""
+    if os.environ.get("KDRAY_LOCAL_CPUS"):
+        return int(os.environ["KDRAY_LOCAL_CPUS"])
+    return max(os.cpu_count() or 1, 4)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -169,6 +169,7 @@ def teacher_step(ctx: StepContext, data: StepResult) -> dict[str, Any]:
             # the teacher's own budget, independent of the student's `train` section: sweeping the
             # student's hyper-parameters must not retrain the teacher
             "train.num_workers": 1,
+            "train.cpus_per_worker": max(1, int(t.num_cpus)),  # the teacher's cores, as when it scores
             "train.use_gpu": t.num_gpus > 0,
             "train.resources": dict(t.resources),
             "train.batch_size": t.batch_size,
@@ -262,7 +263,7 @@ def baseline_step(
     ctx: StepContext, data: StepResult, teacher: StepResult, after: Any = None
 ) -> dict[str, Any]:
     """The SFT-only student: the same model, data and budget, cross-entropy on the references only.
-    (`after` is an ordering-only edge of the DAG.)"""
+    (`after` is an ordering-only edge of the DAG on machines too small to train both at once.)"""
     from kdray.train.trainer import distill
 
     cfg = with_overrides(
@@ -470,8 +471,9 @@ def build_dag(cfg: Config, tracking: dict[str, Any] | None = None, *, progress: 
     """The workflow as a Ray DAG (`.bind()`); `.execute()` returns the ObjectRef of every step's result.
 
     Steps are Ray tasks with no CPU of their own (the actors and workers they start hold the resources)
-    pinned to this node. The baseline runs after the student, not beside it: on a small machine two
-    trainings side by side would only fight for the same cores.
+    pinned to this node. The baseline trains beside the student when the cluster has the CPUs for both
+    trainings and a core to spare for their data pipelines (their start-up costs then overlap too);
+    otherwise after it, since two trainings short of cores would only wait for each other's data.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -492,7 +494,9 @@ def build_dag(cfg: Config, tracking: dict[str, Any] | None = None, *, progress: 
     last = student
     baseline = None
     if cfg.workflow.baseline and "evaluate" in wanted:
-        baseline = node("baseline", data, teacher, _after(student))
+        train_cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
+        side_by_side = ray.cluster_resources().get("CPU", 0.0) >= 2 * train_cpus + 1
+        baseline = node("baseline", data, teacher, *([] if side_by_side else [_after(student)]))
         last = baseline
     nodes = [data, teacher, outputs, student] + ([baseline] if baseline is not None else [])
     if "evaluate" in wanted:
@@ -531,11 +535,6 @@ def prefix_keys(cfg: Config) -> dict[str, str]:
     return keys
 
 
-def _gather(*results: StepResult) -> list[StepResult]:
-    """The DAG's sink: every step's result, in order, for the summary."""
-    return list(results)
-
-
 def _after(node: Any) -> Any:
     """An ordering-only edge: the downstream step waits for `node` but does not receive its result."""
     import ray
@@ -545,6 +544,11 @@ def _after(node: Any) -> Any:
 
 def _none(_: Any) -> None:
     return None
+
+
+def _gather(*results: StepResult) -> list[StepResult]:
+    """The DAG's sink: every step's result, in order, for the summary."""
+    return list(results)
 
 
 @dataclass

@@ -56,6 +56,8 @@ class LoopSpec:
     eval_every: int = 50
     log_every: int = 10
     seed: int = 0
+    num_threads: int = 1
+    """torch threads of the worker: the CPUs it holds (Ray sets no thread count a worker can rely on)."""
     loss_chunk_size: int | None = None
     use_gpu: bool = False
     precision: str = "auto"
@@ -295,6 +297,7 @@ class _Loop:
     def __init__(self, spec: LoopSpec, session: Any) -> None:
         self.spec, self.session = spec, session
         self.rank, self.world_size = session.rank, session.world_size
+        torch.set_num_threads(max(1, spec.num_threads))
         self.device = session.device(spec.use_gpu)
         self.student, self.tokenizer, self.optimizer, self.scheduler = _build(spec, self.device)
         self.state = _State(spec)

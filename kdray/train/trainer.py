@@ -100,6 +100,7 @@ def loop_spec(
         eval_every=t.eval_every,
         log_every=cfg.tracking.log_every,
         seed=t.seed,
+        num_threads=t.cpus_per_worker,
         loss_chunk_size=t.loss_chunk_size,
         use_gpu=t.use_gpu,
         precision=t.precision,
@@ -272,7 +273,7 @@ def _check_capacity(cfg: Any, *, scorer: bool, pool: bool) -> None:
     t = cfg.train
     sets = int(scorer) + int(pool)
     need = {
-        "CPU": t.num_workers * 1.0 + sets * cfg.teacher.replicas * cfg.teacher.num_cpus,
+        "CPU": t.num_workers * float(t.cpus_per_worker) + sets * cfg.teacher.replicas * cfg.teacher.num_cpus,
         "GPU": (t.num_workers if t.use_gpu else 0.0) + sets * cfg.teacher.replicas * cfg.teacher.num_gpus,
     }
     have = ray.cluster_resources()
@@ -301,7 +302,9 @@ def _pool_overrides(cfg: Any, teacher_path: str | None) -> dict[str, Any]:
 
 
 def _worker_resources(cfg: Any) -> dict[str, float] | None:
-    """Ray Train's per-worker bundle: its defaults (1 CPU, 1 GPU if use_gpu) plus the custom resources."""
-    if not cfg.train.resources:
+    """Ray Train's per-worker bundle: `train.cpus_per_worker` CPUs (1 GPU if use_gpu) plus the custom
+    resources; None keeps Ray Train's defaults (1 CPU)."""
+    t = cfg.train
+    if not t.resources and t.cpus_per_worker == 1:
         return None
-    return {"CPU": 1.0, **({"GPU": 1.0} if cfg.train.use_gpu else {}), **cfg.train.resources}
+    return {"CPU": float(t.cpus_per_worker), **({"GPU": 1.0} if t.use_gpu else {}), **t.resources}

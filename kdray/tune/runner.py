@@ -79,7 +79,7 @@ def max_evaluations(cfg: Config) -> int:
 
 def trial_resources(cfg: Config) -> dict[str, float]:
     """A trial holds what one student worker needs, nothing for the teacher (it was run once, before)."""
-    res: dict[str, float] = {"CPU": 1.0}
+    res: dict[str, float] = {"CPU": float(cfg.train.cpus_per_worker)}
     if cfg.train.use_gpu:
         res["GPU"] = 1.0
     res.update(cfg.train.resources)
