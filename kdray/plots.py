@@ -73,10 +73,7 @@ def search_plot(trials: Sequence[Mapping[str, Any]], metric: str, types: Mapping
     axes = fig.subplots(1, n, squeeze=False)[0]
     failed = sum(1 for t in trials if t.get("status") == "failed")
     for ax, dim in zip(axes, dims, strict=False):
-        categorical = types[dim] in ("choice", "grid") and any(
-            not isinstance(t["config"].get(dim), (int, float)) or isinstance(t["config"].get(dim), bool)
-            for t in trials
-        )
+        categorical = types[dim] in ("choice", "grid")
         levels = sorted({str(t["config"].get(dim)) for t in trials}) if categorical else []
         for status, (marker, color) in _STATUS_STYLE.items():
             xs, ys = [], []
@@ -92,12 +89,15 @@ def search_plot(trials: Sequence[Mapping[str, Any]], metric: str, types: Mapping
         if categorical:
             ax.set_xticks(range(len(levels)), levels, rotation=20)
         elif types[dim] == "loguniform":
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
         ax.set_xlabel(dim)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small", loc="best")
-    title = f"{len(trials)} trials"
+    title = f"{len(trials)} trials, {metric} at each trial's last evaluation"
     fig.suptitle(title + (f" ({failed} failed, not drawn)" if failed else ""))
     return fig
 

@@ -136,9 +136,14 @@ def _logged_steps(metrics: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_killed_during_distill_rerun_skips_finished_steps_and_finishes(tmp_path):
+    from kdray.models.tiny import save_tiny_checkpoint
+
     workdir = tmp_path / "run"
+    # a saved teacher (its step checks it): training one would add a Ray Train start to a slow test
+    teacher = save_tiny_checkpoint(tmp_path / "teacher", hidden_size=32, num_layers=1, seed=1)
     cfg = tiny_config(
         workdir,
+        teacher={"name_or_path": str(teacher)},
         train={"max_steps": 24, "checkpoint_every": 4, "eval_every": 8},
         tracking={"log_every": 4},  # each logged step is a Ray Train report (a barrier): keep them few
         workflow={"baseline": False},
