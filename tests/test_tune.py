@@ -264,7 +264,7 @@ def test_best_config_reproduces_the_best_trial_under_the_workflow(sweep):
 
 def _trial_events(directory: Path) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
-    for path in directory.glob("*/kdray_trial.jsonl"):
+    for path in directory.glob("trials/*/kdray_trial.jsonl"):
         out[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return out
 
@@ -272,6 +272,9 @@ def _trial_events(directory: Path) -> dict[str, list[dict]]:
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, teacher):
     raw = sweep_config(tmp_path / "run", teacher, scheduler="fifo", num_samples=4, max_concurrent=1)
+    # trials of about 6 s each (a reused actor runs 12 tiny steps in a quarter second): the kill must land while
+    # the third trial runs
+    raw["train"].update(max_steps=300, eval_every=75)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
     ledger = tmp_path / "ledger.jsonl"
@@ -292,7 +295,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, teache
                 assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
                 assert time.time() < deadline, "two trials did not finish in time"
                 time.sleep(0.5)
-            time.sleep(3)  # Tune saves its experiment state every 2 s (TUNE_GLOBAL_CHECKPOINT_S)
+            time.sleep(2.5)  # Tune saves its experiment state every 2 s (TUNE_GLOBAL_CHECKPOINT_S)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
             proc.wait()

@@ -124,6 +124,7 @@ def run_sweep(
             "tokenizer_path": teacher.outputs["path"],
             "signal_cache": outputs.outputs.get("signal_cache"),
             "cache_dir": outputs.outputs.get("cache_dir"),
+            "sweep_dir": str(directory),
         }
         pool = _shared_pool(cfg, teacher.outputs["path"])
         fn = tune.with_parameters(
@@ -267,13 +268,13 @@ def _shared_pool(cfg: Config, teacher_path: str) -> Any:
 
 def _rows(cfg: Config, results: Any, directory: Path) -> list[dict[str, Any]]:
     """One row per trial: its sampled config, status, evaluations run and last reported metric."""
-    from kdray.tune.trial import EVENTS
+    from kdray.tune.trial import EVENTS, trial_files
 
     full = max_evaluations(cfg)
     rows = []
     for r in results:
         metrics = r.metrics or {}
-        trial_id = metrics.get("trial_id") or (Path(r.path).name if r.path else "?")
+        trial_id = metrics.get("trial_id") or _trial_id_of(r.path)
         iterations = int(metrics.get("training_iteration", 0) or 0)
         if r.error is not None:
             status = "failed"
@@ -282,7 +283,8 @@ def _rows(cfg: Config, results: Any, directory: Path) -> list[dict[str, Any]]:
         else:
             status = "stopped early"
         value = metrics.get(cfg.tune.metric)
-        events = Path(r.path) / EVENTS if r.path else None
+        files = trial_files(directory, trial_id)
+        events = files / EVENTS
         rows.append(
             {
                 "trial_id": trial_id,
@@ -292,7 +294,8 @@ def _rows(cfg: Config, results: Any, directory: Path) -> list[dict[str, Any]]:
                 "step": metrics.get("step"),
                 "config": dict(r.config or {}),
                 "error": _error_line(r.error),
-                "path": r.path,
+                "path": str(files),
+                "tune_path": r.path,
                 "starts": _starts(events),
             }
         )
@@ -307,8 +310,17 @@ def _rows(cfg: Config, results: Any, directory: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _starts(events: Path | None) -> int:
-    if events is None or not events.exists():
+def _trial_id_of(path: str | None) -> str:
+    """A trial's id from its Tune directory name (`<trainable>_<id>_<index>_<values>_<date>`), for a
+    trial that failed before it reported anything."""
+    import re
+
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(path).name) if path else None
+    return found.group(1) if found else "?"
+
+
+def _starts(events: Path) -> int:
+    if not events.exists():
         return 0
     return sum(1 for line in events.read_text().splitlines() if '"event": "start"' in line)
 

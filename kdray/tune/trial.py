@@ -79,6 +79,11 @@ def _tune_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k not in skip and isinstance(v, (int, float))}
 
 
+def trial_files(sweep_dir: str | Path, trial_id: str) -> Path:
+    """Where a trial's events, per-step metrics and MLflow spool are kept."""
+    return Path(sweep_dir) / "trials" / trial_id
+
+
 def _event(trial_dir: Path, **fields: Any) -> None:
     with (trial_dir / EVENTS).open("a") as f:
         f.write(json.dumps({"t": time.time(), "pid": os.getpid(), **fields}) + "\n")
@@ -122,7 +127,7 @@ def run_trial(
     """Tune's trainable: train the student of `base` with the trial's `config` overrides.
 
     `inputs` names the shared teacher pass ({train, eval, teacher_path, tokenizer_path, signal_cache,
-    cache_dir}); `tracking` the sweep's parent MLflow run ({tracking_uri, experiment, parent_run_id});
+    cache_dir}) and the sweep's directory (`sweep_dir`); `tracking` the sweep's parent MLflow run ({tracking_uri, experiment, parent_run_id});
     `teacher_handles` the one TeacherPool the sweep started for on-policy methods.
     """
     from ray import tune
@@ -132,7 +137,10 @@ def run_trial(
     from kdray.tune.space import trial_config
 
     context = tune.get_context()
-    trial_id, trial_dir = context.get_trial_id(), Path(context.get_trial_dir())
+    # kdray's own files of the trial live in the sweep directory: Tune's trial directory is a staging
+    # area whose place changes when an actor is reused for the next trial
+    trial_id = context.get_trial_id()
+    trial_dir = trial_files(inputs["sweep_dir"], trial_id)
     trial_dir.mkdir(parents=True, exist_ok=True)
     cfg = trial_config(config_from_dict(base, "<sweep base config>"), config)
     spec = loop_spec(
