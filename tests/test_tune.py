@@ -316,3 +316,26 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, teache
     # one teacher pass for the whole sweep, across both drivers
     assert sum(p["rows"] for p in read_ledger(ledger)) == TRAIN_ROWS
     assert load_config(directory / "best_config.yaml").train.lr in {r["config"]["train.lr"] for r in rows}
+
+
+@pytest.mark.slow
+def test_on_policy_trials_share_one_teacher_pool(sweep, tmp_path, teacher):
+    """GKD with every batch sampled from the student: each trial scores its samples through the one
+    TeacherPool the sweep started (no teacher actor per trial, no pass over the data)."""
+    from kdray.tune import run_sweep
+
+    _, _, ledger, _ = sweep  # its Ray records every teacher forward pass in this ledger
+    seen = len(read_ledger(ledger))
+    raw = sweep_config(tmp_path / "run", teacher, scheduler="fifo", num_samples=1)
+    raw["objective"] = {
+        "method": "gkd", "terms": [{"name": "jsd", "params": {"beta": 0.5}}], "on_policy_fraction": 1.0,
+        "max_new_tokens": 8,
+    }  # fmt: skip
+    raw["train"].update(max_steps=4, eval_every=2)
+    raw["tune"]["search_space"] = {"objective.terms.0.params.beta": {"type": "grid", "values": [0.1, 0.9]}}
+    result = run_sweep(config_from_dict(raw), verbose=0)
+    assert [t["status"] for t in result.trials] == ["completed", "completed"]
+    assert result.teacher_steps[2].outputs["signal_cache"] is None  # nothing to precompute
+    passes = read_ledger(ledger)[seen:]
+    assert len({p["pid"] for p in passes}) == 1, passes  # one pool replica served both trials
+    assert sum(p["rows"] for p in passes) >= 2 * 4 * 8  # every sampled batch of both trials
