@@ -473,7 +473,8 @@ def build_dag(cfg: Config, tracking: dict[str, Any] | None = None, *, progress: 
     Steps are Ray tasks with no CPU of their own (the actors and workers they start hold the resources)
     pinned to this node. The baseline trains beside the student when the cluster has the CPUs for both
     trainings and a core to spare for their data pipelines (their start-up costs then overlap too);
-    otherwise after it, since two trainings short of cores would only wait for each other's data.
+    otherwise after it, since two trainings short of cores would only wait for each other's data. Either
+    way it starts after the teacher pass, which holds the teacher's cores.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -496,7 +497,8 @@ def build_dag(cfg: Config, tracking: dict[str, Any] | None = None, *, progress: 
     if cfg.workflow.baseline and "evaluate" in wanted:
         train_cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
         side_by_side = ray.cluster_resources().get("CPU", 0.0) >= 2 * train_cpus + 1
-        baseline = node("baseline", data, teacher, *([] if side_by_side else [_after(student)]))
+        # beside the student, not beside the teacher pass: that one holds the teacher's cores
+        baseline = node("baseline", data, teacher, _after(outputs if side_by_side else student))
         last = baseline
     nodes = [data, teacher, outputs, student] + ([baseline] if baseline is not None else [])
     if "evaluate" in wanted:
