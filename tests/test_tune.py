@@ -122,6 +122,21 @@ def test_best_config_yaml_loads_and_holds_the_trial_values(tmp_path, teacher):
     assert loaded.model == cfg.model and loaded.data == cfg.data
 
 
+def test_resuming_a_sweep_under_a_changed_config_is_refused(tmp_path, teacher):
+    from kdray.tune.runner import SWEEP_STATE, _sweep_fingerprint, sweep_dir
+
+    cfg = config_from_dict(sweep_config(tmp_path, teacher))
+    directory = sweep_dir(cfg)
+    directory.mkdir(parents=True)
+    (directory / SWEEP_STATE).write_text(json.dumps({"config": _sweep_fingerprint(cfg)}))
+    assert _sweep_fingerprint(with_overrides(cfg, {"tracking.enabled": True})) == _sweep_fingerprint(cfg)
+    from kdray.tune import run_sweep
+
+    changed = with_overrides(cfg, {"tune.num_samples": 4})
+    with pytest.raises(ConfigError, match="started with a different config"):
+        run_sweep(changed)
+
+
 # ---------------------------------------------------------------- one sweep in this process, 8 trials
 
 

@@ -109,13 +109,15 @@ def run_sweep(
     directory.mkdir(parents=True, exist_ok=True)
     state_path = directory / SWEEP_STATE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    _check_same_sweep(cfg, state, directory)
+    state["config"] = _sweep_fingerprint(cfg)
     parent, tracking = _parent_run(cfg, run_name, state.get("parent_run_id"))
     if parent is not None:
         state["parent_run_id"] = parent.run_id
     state_path.write_text(json.dumps(state))
     pool = None
     try:
-        steps = run_teacher_steps(cfg, _step_tracking(tracking))
+        steps = run_teacher_steps(cfg, tracking)
         data, teacher, outputs = steps
         inputs = {
             "train": data.outputs["train"],
@@ -183,6 +185,28 @@ def run_sweep(
             pool.close()
 
 
+def _sweep_fingerprint(cfg: Config) -> str:
+    """What a sweep's trials depend on: everything but tracking and the workflow's own knobs."""
+    from kdray.data.cache import fingerprint
+
+    d = config_to_dict(cfg)
+    return fingerprint([{k: v for k, v in d.items() if k not in ("tracking", "workflow")}])[:16]
+
+
+def _check_same_sweep(cfg: Config, state: Mapping[str, Any], directory: Path) -> None:
+    """Tune restores a sweep's own search space and trials: resuming under a changed config would
+    silently mix two sweeps in one table."""
+    from kdray.config import ConfigError
+
+    recorded = state.get("config")
+    if recorded is not None and recorded != _sweep_fingerprint(cfg):
+        raise ConfigError(
+            f"{directory} holds sweep {cfg.tune.name!r} started with a different config (search space, "
+            "objective, train or data). Give this one another tune.name, or delete that directory to "
+            "start the sweep over."
+        )
+
+
 def _tune_config(cfg: Config) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -237,10 +261,6 @@ def _parent_run(cfg: Config, run_name: str | None, run_id: str | None) -> tuple[
         "experiment": cfg.tracking.experiment,
         "parent_run_id": parent.run_id,
     }
-
-
-def _step_tracking(tracking: dict[str, Any] | None) -> dict[str, Any] | None:
-    return dict(tracking) if tracking else None
 
 
 def _shared_pool(cfg: Config, teacher_path: str) -> Any:
