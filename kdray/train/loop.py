@@ -280,14 +280,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` is `spec_to_config(LoopSpec(...))`."""
     # Ray Train logs every report (the whole metrics dict) at INFO; kdray prints its own progress
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
-    _Loop(LoopSpec(**config), RayTrainSession()).run()
+    TrainingLoop(LoopSpec(**config), RayTrainSession()).run()
 
 
 def _unwrap(student: Any) -> Student:
     return getattr(student, "module", student)
 
 
-class _Loop:
+class TrainingLoop:
     """One worker's training run: built once, then `run()` steps until `max_steps`.
 
     `session` is where it runs: a `RayTrainSession` in a Ray Train worker, or `kdray.tune`'s session in

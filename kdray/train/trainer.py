@@ -207,7 +207,7 @@ def distill(
     from ray.train.torch import TorchTrainer
 
     workdir = Path(workdir).resolve()
-    train_records = _rows_consumed(cfg, train_records)
+    train_records = rows_consumed(cfg, train_records)
     metrics_path = workdir / name / "metrics.jsonl"
     export_path = workdir / name / "student" if export else None
     tokenizer_path = teacher_path if teacher_path else cfg.model.name_or_path
@@ -288,7 +288,7 @@ def _check_capacity(cfg: Any, *, scorer: bool, pool: bool) -> None:
         )
 
 
-def _rows_consumed(cfg: Any, records: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+def rows_consumed(cfg: Any, records: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
     """The records the run will read: steps x global batch rows in data order (epochs repeat when there
     are fewer). Rows past that are never trained on, and scoring them would only fill the object store
     with signal the student never reads (gigabytes at full vocabulary)."""

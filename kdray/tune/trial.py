@@ -1,7 +1,7 @@
 """One Tune trial: the workflow's training loop in the trial's own actor, reading the shared teacher pass.
 
-The trial runs `kdray.train.loop._Loop`, the same loop as a Ray Train worker, through `TuneSession`:
-its data is read in-process (`kdray.data.local`) from the teacher-signal cache the sweep's
+The trial runs `kdray.train.loop.TrainingLoop`, the same loop as a Ray Train worker, through
+`TuneSession`: its data is read in-process (`kdray.data.local`) from the teacher-signal cache the sweep's
 teacher_outputs step wrote, in the same order as the workflow's distill step reads it, so a trial's
 curve is the curve its config gives under `workflows/xkd.py`. Each evaluation is a Tune report with a
 checkpoint: ASHA may stop the trial there, and a restored sweep resumes the trial from it.
@@ -99,7 +99,7 @@ def trial_datasets(cfg: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
     pipeline: the signal cache when the sweep's teacher pass wrote one, else the tokenized records."""
     from kdray.data.cache import SignalCache
     from kdray.data.local import tokenized_records
-    from kdray.train.trainer import _rows_consumed
+    from kdray.train.trainer import rows_consumed
 
     tok = {
         "max_prompt_tokens": cfg.data.max_prompt_tokens,
@@ -112,7 +112,7 @@ def trial_datasets(cfg: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
     if inputs.get("signal_cache"):
         train_ds = SignalCache(inputs["cache_dir"]).local(inputs["signal_cache"])
     else:
-        train_ds = tokenized_records(_rows_consumed(cfg, _records(inputs["train"])), tokenizer, **tok)
+        train_ds = tokenized_records(rows_consumed(cfg, _records(inputs["train"])), tokenizer, **tok)
     return {"train": train_ds, "eval": eval_ds}
 
 
@@ -127,12 +127,13 @@ def run_trial(
     """Tune's trainable: train the student of `base` with the trial's `config` overrides.
 
     `inputs` names the shared teacher pass ({train, eval, teacher_path, tokenizer_path, signal_cache,
-    cache_dir}) and the sweep's directory (`sweep_dir`); `tracking` the sweep's parent MLflow run ({tracking_uri, experiment, parent_run_id});
-    `teacher_handles` the one TeacherPool the sweep started for on-policy methods.
+    cache_dir}) and the sweep's directory (`sweep_dir`); `tracking` the sweep's parent MLflow run
+    ({tracking_uri, experiment, parent_run_id}); `teacher_handles` the one TeacherPool the sweep
+    started for on-policy methods.
     """
     from ray import tune
 
-    from kdray.train.loop import _Loop
+    from kdray.train.loop import TrainingLoop
     from kdray.train.trainer import loop_spec
     from kdray.tune.space import trial_config
 
@@ -163,7 +164,7 @@ def run_trial(
         session = TuneSession(
             trial_datasets(cfg, inputs), tracker, max_steps=spec.max_steps, on_last_step=finish
         )
-        loop = _Loop(spec, session)
+        loop = TrainingLoop(spec, session)
         _event(trial_dir, event="resumed_at", step=loop.state.step)
         loop.run()
     except Exception as err:
