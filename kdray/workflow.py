@@ -1,7 +1,8 @@
 """The distillation workflow as a DAG of cached steps, composed with Ray's DAG API.
 
-    data → teacher → teacher_outputs → distill ─┐
-                  └──────────────→ baseline ────┴→ evaluate → register
+    data → teacher → teacher_outputs ─┬→ distill ──┬→ evaluate → register
+                                      └→ baseline ─┘   (baseline: reads no teacher output; it
+                                                        waits for the teacher pass only for its cores)
 
 Each step takes flat inputs (the config, the outputs of the steps it depends on) and writes one artifact
 directory, `<cache_dir>/<step>-<key>`, whose key hashes the config sections the step reads, the keys of
