@@ -83,6 +83,18 @@ def test_a_dimension_that_changes_the_teacher_pass_is_refused(tmp_path, teacher)
     base["tune"]["search_space"]["train.batch_size"] = {"type": "choice", "values": [8, 16]}
     with pytest.raises(ConfigError, match=r"= 16 changes the teacher_outputs step"):
         check_shared_teacher_pass(config_from_dict(base))
+    # GKD's λ: a trial with every batch on-policy reads no teacher output, the others share the pass
+    base["objective"] = {"method": "gkd", "terms": [{"name": "jsd"}], "on_policy_fraction": 0.5}
+    base["tune"]["search_space"] = {}
+    base["tune"]["search_space"]["objective.on_policy_fraction"] = {
+        "type": "choice",
+        "values": [0.0, 0.5, 1.0],
+    }
+    check_shared_teacher_pass(config_from_dict(base))
+    # a loss parameter the term does not take is caught before any trial starts
+    base["tune"]["search_space"]["objective.terms.0.params.lambda_td"] = {"type": "choice", "values": [0.1]}
+    with pytest.raises(ConfigError, match=r"lambda_td.*is invalid.*has no parameter"):
+        check_shared_teacher_pass(config_from_dict(base))
 
 
 def test_search_space_maps_to_tune_domains():

@@ -56,18 +56,22 @@ def trial_config(base: Config, overrides: Mapping[str, Any]) -> Config:
 def check_shared_teacher_pass(base: Config) -> None:
     """Refuse a search space that would change the teacher's outputs: every trial reads the one teacher
     pass the sweep makes, so a dimension may not touch the data, the teacher or what it produces."""
-    from kdray.workflow import prefix_keys
+    from kdray.workflow import _teacher_outputs_wanted, prefix_keys
 
     want = prefix_keys(base)
     for path, dim in base.tune.search_space.items():
         for value in candidates(dim):
             try:
-                keys = prefix_keys(with_overrides(base, {path: value}))
-            except ConfigError as err:
+                cfg = with_overrides(base, {path: value})
+                keys = prefix_keys(cfg)  # builds the objective: a bad loss parameter is caught here
+                needs = _teacher_outputs_wanted(cfg)
+            except (ConfigError, ValueError) as err:
                 raise ConfigError(
                     f"tune.search_space[{path!r}]: the value {value!r} is invalid: {err}"
                 ) from None
-            changed = [step for step in want if keys[step] != want[step]]
+            # a trial that reads no teacher output (every batch sampled on-policy) only needs the data
+            steps = want if needs["signal"] or needs["generations"] else ("data", "teacher")
+            changed = [step for step in steps if keys[step] != want[step]]
             if changed:
                 raise ConfigError(
                     f"tune.search_space[{path!r}] = {value!r} changes the {changed[0]} step's output "
