@@ -264,7 +264,8 @@ def baseline_step(
     ctx: StepContext, data: StepResult, teacher: StepResult, after: Any = None
 ) -> dict[str, Any]:
     """The SFT-only student: the same model, data and budget, cross-entropy on the references only.
-    (`after` is an ordering-only edge of the DAG on machines too small to train both at once.)"""
+    (`after` is an ordering-only edge of the DAG: the teacher pass, or the student where the machine
+    cannot train both at once.)"""
     from kdray.train.trainer import distill
 
     cfg = with_overrides(
@@ -468,6 +469,16 @@ def cache_root(cfg: Config) -> Path:
     return Path(cfg.workflow.cache_dir or Path(cfg.workflow.workdir) / "steps").expanduser().resolve()
 
 
+def _step_task() -> tuple[Any, Any]:
+    """`run_step` as a Ray task with no CPU of its own, pinned to this node (its directories are local
+    paths), and that scheduling strategy."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return here, ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_step)
+
+
 def build_dag(cfg: Config, tracking: dict[str, Any] | None = None, *, progress: bool = False) -> Any:
     """The workflow as a Ray DAG (`.bind()`); `.execute()` returns the ObjectRef of every step's result.
 
@@ -478,10 +489,8 @@ def build_dag(cfg: Config, tracking: dict[str, Any] | None = None, *, progress: 
     way it starts after the teacher pass, which holds the teacher's cores.
     """
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_step)
+    here, task = _step_task()
     d = config_to_dict(cfg)
     wanted = set(cfg.workflow.steps)
     options = {"tracking": tracking, "progress": progress}
@@ -514,10 +523,8 @@ def run_teacher_steps(cfg: Config, tracking: dict[str, Any] | None = None) -> li
     """Run (or reuse) data → teacher → teacher_outputs: what every trial of a sweep shares. The teacher
     is trained or checked once and scores the data once; the trials only read the cache it writes."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_step)
+    _, task = _step_task()
     d = config_to_dict(cfg)
     options = {"tracking": tracking, "progress": sys.stderr.isatty()}
     data = ray.get(task.options(name="kdray:data").remote("data", d, options))

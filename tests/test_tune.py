@@ -97,6 +97,26 @@ def test_a_dimension_that_changes_the_teacher_pass_is_refused(tmp_path, teacher)
         check_shared_teacher_pass(config_from_dict(base))
 
 
+def test_local_dataset_rebatches_across_chunks_in_order():
+    """A trial's in-process data: exact batches across chunk borders, ragged rows as object columns."""
+    import numpy as np
+
+    from kdray.data.local import LocalDataset
+
+    def chunk(first: int, n: int, width: int) -> dict:
+        ids = np.arange(first, first + n)
+        return {"id": ids, "input_ids": np.stack([np.full(width, i) for i in ids])}
+
+    ds = LocalDataset(lambda: [chunk(0, 5, 3), chunk(5, 2, 4), chunk(7, 6, 3)])
+    batches = list(ds.iter_batches(batch_size=4))
+    assert [b["id"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12]]
+    assert batches[0]["input_ids"].shape == (4, 3)  # one width: a regular array
+    assert batches[1]["input_ids"].dtype == object  # widths 3 and 4: rows kept as they are
+    assert [len(r) for r in batches[1]["input_ids"]] == [3, 4, 4, 3]
+    assert [b["id"].tolist() for b in ds.iter_batches(batch_size=4, drop_last=True)][-1] == [8, 9, 10, 11]
+    assert sum(len(b["id"]) for b in ds.iter_batches(batch_size=4)) == 13  # read again: a new epoch
+
+
 def test_search_space_maps_to_tune_domains():
     from ray import tune
 

@@ -89,22 +89,23 @@ class LocalDataset:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         pending: dict[str, list[Any]] = {}
-        count = 0
+        start = 0  # rows before it were handed out; the lists are cut back once per chunk, not per batch
         for chunk in self._chunks():
             n = len(next(iter(chunk.values()))) if chunk else 0
             if n == 0:
                 continue
             if not pending:
                 pending = {k: [] for k in chunk}
-            for key in pending:
-                pending[key].extend(_rows_of(chunk[key]))
-            count += n
-            while count >= batch_size:
-                yield {k: _column(v[:batch_size]) for k, v in pending.items()}
-                pending = {k: v[batch_size:] for k, v in pending.items()}
-                count -= batch_size
-        if count and not drop_last:
-            yield {k: _column(v) for k, v in pending.items()}
+            for key, rows in pending.items():
+                del rows[:start]
+                rows.extend(_rows_of(chunk[key]))
+            start = 0
+            available = len(next(iter(pending.values())))
+            while available - start >= batch_size:
+                yield {k: _column(v[start : start + batch_size]) for k, v in pending.items()}
+                start += batch_size
+        if pending and len(next(iter(pending.values()))) > start and not drop_last:
+            yield {k: _column(v[start:]) for k, v in pending.items()}
 
 
 def tokenized_records(

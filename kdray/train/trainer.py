@@ -239,7 +239,7 @@ def distill(
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker=_worker_resources(cfg),
+            resources_per_worker=worker_resources(cfg),
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -301,10 +301,8 @@ def _pool_overrides(cfg: Any, teacher_path: str | None) -> dict[str, Any]:
     return {"name_or_path": _require(teacher_path), "chat_template": cfg.data.chat_template}
 
 
-def _worker_resources(cfg: Any) -> dict[str, float] | None:
-    """Ray Train's per-worker bundle: `train.cpus_per_worker` CPUs (1 GPU if use_gpu) plus the custom
-    resources; None keeps Ray Train's defaults (1 CPU)."""
+def worker_resources(cfg: Any) -> dict[str, float]:
+    """What one student worker holds: `train.cpus_per_worker` CPUs, 1 GPU if use_gpu, and the custom
+    resources. A Ray Train worker's bundle, and a Tune trial's (a trial trains one worker)."""
     t = cfg.train
-    if not t.resources and t.cpus_per_worker == 1:
-        return None
     return {"CPU": float(t.cpus_per_worker), **({"GPU": 1.0} if t.use_gpu else {}), **t.resources}

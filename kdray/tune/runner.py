@@ -77,15 +77,6 @@ def max_evaluations(cfg: Config) -> int:
     return math.ceil(t.max_steps / t.eval_every)
 
 
-def trial_resources(cfg: Config) -> dict[str, float]:
-    """A trial holds what one student worker needs, nothing for the teacher (it was run once, before)."""
-    res: dict[str, float] = {"CPU": float(cfg.train.cpus_per_worker)}
-    if cfg.train.use_gpu:
-        res["GPU"] = 1.0
-    res.update(cfg.train.resources)
-    return res
-
-
 def run_sweep(
     cfg: Config,
     *,
@@ -99,6 +90,7 @@ def run_sweep(
     """
     from ray import tune
 
+    from kdray.train.trainer import worker_resources
     from kdray.tune.space import check_shared_teacher_pass, check_trials_fit, param_space
     from kdray.tune.trial import run_trial
     from kdray.workflow import run_teacher_steps
@@ -136,7 +128,8 @@ def run_sweep(
             tracking={**tracking, "sweep": cfg.tune.name} if tracking else None,
             teacher_handles=pool.handles if pool is not None else [],
         )
-        fn = tune.with_resources(fn, trial_resources(cfg))
+        # one student worker's bundle, nothing for the teacher: it ran once, before the trials
+        fn = tune.with_resources(fn, worker_resources(cfg))
         # Tune's own state file: saved often, so a killed driver loses at most a few seconds of it
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
         # every trial checkpoint at each evaluation forces a state save (num_to_keep): expected here
@@ -212,11 +205,11 @@ def _tune_config(cfg: Config) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    t = cfg.tune
+    t, full = cfg.tune, max_evaluations(cfg)
     scheduler = (
         ASHAScheduler(
             time_attr="training_iteration",
-            max_t=min(max_evaluations(cfg), t.max_iterations or max_evaluations(cfg)),
+            max_t=min(full, t.max_iterations or full),
             grace_period=t.grace_period,
             reduction_factor=t.reduction_factor,
             # a trial at max_t runs to its natural end, so it ends its own MLflow run and leaves a
@@ -340,9 +333,11 @@ def _trial_id_of(path: str | None) -> str:
 
 
 def _starts(events: Path) -> int:
+    """How many times the trial started: more than once when a restored sweep resumed it."""
     if not events.exists():
         return 0
-    return sum(1 for line in events.read_text().splitlines() if '"event": "start"' in line)
+    lines = [line for line in events.read_text().splitlines() if line.strip()]
+    return sum(1 for line in lines if json.loads(line).get("event") == "start")
 
 
 def _error_line(error: BaseException | None) -> str | None:
