@@ -34,21 +34,26 @@ def test_td_residual_by_hand():
     torch.testing.assert_close(got, want)
 
 
-def test_td_nll_equals_gaussian_formula_by_hand():
+@pytest.mark.parametrize("terminal", ["drop", "zero"])
+def test_td_nll_equals_gaussian_formula_by_hand(terminal):
     logits, _, targets, mask, mu, log_sigma = make()
     gamma = 0.9
-    _, terms = xkd_loss(logits, targets, mask, mu, log_sigma, variant="sequence", gamma=gamma)
-    # by hand, loops and math only
-    total, count = 0.0, 0
+    _, terms = xkd_loss(
+        logits, targets, mask, mu, log_sigma, variant="sequence", gamma=gamma, terminal=terminal
+    )
+    # by hand, loops and math only; `drop` forms pairs only where a next step exists (AVRIL's load_data),
+    # `zero` scores the last token against Q := 0; both divide by the counted tokens
+    total, count = 0.0, int(mask.sum())
     for b in range(logits.shape[0]):
         idx = [t for t in range(logits.shape[1]) if mask[b, t]]
         for i, t in enumerate(idx):
+            if terminal == "drop" and i + 1 == len(idx):
+                continue
             q_t = logits[b, t, targets[b, t]].item()
             q_next = logits[b, idx[i + 1], targets[b, idx[i + 1]]].item() if i + 1 < len(idx) else 0.0
             delta = q_t - gamma * q_next
             m, s = mu[b, t].item(), math.exp(log_sigma[b, t].item())
             total += 0.5 * math.log(2 * math.pi) + math.log(s) + (delta - m) ** 2 / (2 * s * s)
-            count += 1
     assert terms["td_nll"].item() == pytest.approx(total / count, rel=1e-5)
 
 
@@ -114,12 +119,18 @@ def test_gradients_reach_student_logits_and_reward_head():
     assert logits.grad.abs().sum() > 0
 
 
-def test_reward_head_clamps_log_sigma_and_detach_option():
+def test_log_sigma_unclamped_by_default_clamped_on_request_and_detach_option():
     head = RewardHead(4)
     with torch.no_grad():
         head.proj.bias.copy_(torch.tensor([0.0, 50.0]))
     _, ls = head(torch.zeros(1, 2, 4))
-    assert ls.max().item() == 5.0
+    assert ls.max().item() == 50.0  # AVRIL's encoder does not clamp log σ
+    logits, _, targets, mask, mu, _ = make()
+    big = torch.full_like(mu, 50.0)
+    _, free = xkd_loss(logits, targets, mask, mu, big, variant="sequence")
+    _, clamped = xkd_loss(logits, targets, mask, mu, big, variant="sequence", log_sigma_max=5.0)
+    _, at5 = xkd_loss(logits, targets, mask, mu, torch.full_like(mu, 5.0), variant="sequence")
+    assert free["prior_kl"] > 1e6 and clamped["prior_kl"].item() == pytest.approx(at5["prior_kl"].item())
     h = torch.randn(1, 2, 4, requires_grad=True)
     RewardHead(4, detach_input=True)(h)[0].sum().backward()
     assert h.grad is None

@@ -15,7 +15,7 @@ from kdray.losses.divergences import (
     tvd,
 )
 from kdray.losses.minillm import future_returns, minillm_loss
-from kdray.losses.objective import LOSSES, Objective, Term, build_objective
+from kdray.losses.objective import LOSSES, TERMS, Objective, Term, TermSpec, build_objective
 from kdray.losses.reduce import chunked_per_token, masked_mean
 from kdray.losses.signal import teacher_divergence, token_cross_entropy
 from kdray.losses.sparse import sparse_divergence, sparse_logprobs, teacher_tail_logprob
@@ -25,9 +25,11 @@ from kdray.losses.xkd import gaussian_nll, prior_kl, q_values, td_residual, xkd_
 __all__ = [
     "DIVERGENCES",
     "LOSSES",
+    "TERMS",
     "Objective",
     "TAIDSchedule",
     "Term",
+    "TermSpec",
     "align_vocab",
     "build_objective",
     "chunked_per_token",

@@ -22,7 +22,12 @@ import torch
 from kdray.losses.divergences import DIVERGENCES, loss_dtype
 from kdray.losses.minillm import minillm_loss
 from kdray.losses.reduce import chunked_per_token, masked_mean
-from kdray.losses.signal import dense_teacher_logits, teacher_divergence, token_cross_entropy
+from kdray.losses.signal import (
+    check_signal_temperature,
+    full_teacher_logits,
+    teacher_divergence,
+    token_cross_entropy,
+)
 from kdray.losses.taid import taid_per_token
 from kdray.losses.xkd import xkd_loss
 
@@ -97,6 +102,7 @@ def xkd_term(
     mu = _require(batch, "reward_mu", "xkd", hint)
     log_sigma = _require(batch, "reward_log_sigma", "xkd", hint)
     targets = _require(batch, "target_ids", "xkd", "the demonstration's tokens")
+    params = {k: v for k, v in params.items() if k not in XKD_MODEL_PARAMS}  # read by the model builder
     return xkd_loss(
         student_logits,
         targets,
@@ -122,7 +128,7 @@ def taid_term(
 ) -> TermResult:
     """TAID toward the interpolated target; `t` comes from a TAIDSchedule at call time (runtime)."""
     signal = _require_signal(teacher_signal, "taid")
-    teacher_logits = dense_teacher_logits(signal, student_logits.shape[-1])
+    teacher_logits = full_teacher_logits(signal, student_logits.shape[-1])
     if teacher_logits is None:
         raise ValueError(
             "taid interpolates full teacher logits; a top-k signal cannot be interpolated exactly. "
@@ -148,6 +154,8 @@ def minillm_term(
 ) -> TermResult:
     """MiniLLM on student samples; the batch carries the sampling log-probs recorded at generation."""
     signal = _require_signal(teacher_signal, "minillm")
+    # its rewards are the teacher's un-tempered log-probs of the sampled tokens (LMOps' reward.py)
+    check_signal_temperature(signal, 1.0, "minillm")
     old = _require(batch, "old_logprobs", "minillm", "the sampling student's log-probs of its tokens")
     return minillm_loss(
         student_logits,
@@ -171,27 +179,80 @@ def _keyword_only(fn: Callable[..., Any]) -> frozenset[str]:
     return frozenset(p.name for p in kinds if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+def _always(params: Mapping[str, Any]) -> bool:
+    return True
+
+
+def _never(params: Mapping[str, Any]) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """A loss term: its function, the parameters a config may set, and what it reads.
+
+    `reads_signal(params)` says whether the term reads a teacher signal (what decides the teacher pass),
+    `fixed_temperature` is the temperature it reads that signal at when no parameter sets it (MiniLLM's
+    rewards are un-tempered teacher log-probs), and `reward_head` whether the student needs X-KD's head.
+    """
+
+    fn: TermFn
+    params: frozenset[str]
+    reads_signal: Callable[[Mapping[str, Any]], bool] = _always
+    fixed_temperature: float | None = None
+    reward_head: bool = False
+
+
 _ALL_DIVERGENCE_PARAMS = frozenset().union(*(_divergence_params(f) for f in DIVERGENCES.values()))
+#: the X-KD term's parameters that shape the model (read by the loop when it builds the student)
+XKD_MODEL_PARAMS = frozenset({"detach_head_input"})
 
-#: name -> term function. Divergence terms are the §1 divergences with the shared signal handling.
-LOSSES: dict[str, TermFn] = {
-    "ce": ce_term,
-    **{name: partial(divergence_term, name) for name in DIVERGENCES},
-    "xkd": xkd_term,
-    "taid": taid_term,
-    "minillm": minillm_term,
-}
-
-#: name -> the parameters a config may set for it (checked when the objective is built).
-TERM_PARAMS: dict[str, frozenset[str]] = {
-    "ce": frozenset(),
-    **{n: _divergence_params(f) | {"temperature", "sparse_mode"} for n, f in DIVERGENCES.items()},
+#: name -> term. Divergence terms are the §1 divergences with the shared signal handling.
+TERMS: dict[str, TermSpec] = {
+    "ce": TermSpec(ce_term, frozenset(), reads_signal=_never),
+    **{
+        name: TermSpec(partial(divergence_term, name), _divergence_params(f) | {"temperature", "sparse_mode"})
+        for name, f in DIVERGENCES.items()
+    },
     # the term supplies the signal, token count and chunking itself; the rest are config knobs
-    "xkd": (_keyword_only(xkd_loss) - {"teacher_signal", "num_tokens", "chunk_size"})
-    | _ALL_DIVERGENCE_PARAMS,
-    "taid": frozenset({"t", "temperature"}),
-    "minillm": _keyword_only(minillm_loss) - {"mix_logprobs", "num_tokens", "chunk_size"},
+    "xkd": TermSpec(
+        xkd_term,
+        (_keyword_only(xkd_loss) - {"teacher_signal", "num_tokens", "chunk_size"})
+        | _ALL_DIVERGENCE_PARAMS
+        | XKD_MODEL_PARAMS,
+        reads_signal=lambda params: params.get("variant", "divergence") != "sequence",
+        reward_head=True,
+    ),
+    "taid": TermSpec(taid_term, frozenset({"t", "temperature"})),
+    "minillm": TermSpec(
+        minillm_term,
+        _keyword_only(minillm_loss) - {"mix_logprobs", "num_tokens", "chunk_size"},
+        fixed_temperature=1.0,
+    ),
 }
+
+
+def term_defaults(name: str) -> dict[str, Any]:
+    """The default of every parameter term `name` takes (from its function's signature)."""
+    spec = TERMS[name]
+    fn = spec.fn.func if isinstance(spec.fn, partial) else spec.fn
+    candidates = [fn]
+    if name in DIVERGENCES:
+        candidates.append(DIVERGENCES[name])
+    if name == "xkd":
+        candidates.append(xkd_loss)
+    if name == "minillm":
+        candidates.append(minillm_loss)
+    found: dict[str, Any] = {}
+    for f in candidates:
+        for p in inspect.signature(f).parameters.values():
+            if p.name in spec.params and p.default is not inspect.Parameter.empty:
+                found.setdefault(p.name, p.default)
+    return {k: found[k] for k in sorted(found)}
+
+
+#: name -> term function (the registry's functions, for callers that compute one term directly)
+LOSSES: dict[str, TermFn] = {name: spec.fn for name, spec in TERMS.items()}
 
 
 @dataclass(frozen=True)
@@ -205,16 +266,18 @@ class Term:
 
 
 def _check_term(name: str, weight: float, params: Mapping[str, Any]) -> None:
-    if name not in LOSSES:
-        close = difflib.get_close_matches(name, list(LOSSES), n=1)
+    if name not in TERMS:
+        close = difflib.get_close_matches(name, list(TERMS), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"unknown loss term {name!r}; {hint}available: {sorted(LOSSES)}")
+        raise ValueError(f"unknown loss term {name!r}; {hint}available: {sorted(TERMS)}")
     if not (math.isfinite(weight) and weight >= 0):
         raise ValueError(f"loss term {name!r}: weight={weight!r} must be a finite number >= 0")
-    unknown = sorted(set(params) - TERM_PARAMS[name])
+    unknown = sorted(set(params) - TERMS[name].params)
     if unknown:
+        close = difflib.get_close_matches(unknown[0], list(TERMS[name].params), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(
-            f"loss term {name!r} has no parameter(s) {unknown}; it accepts {sorted(TERM_PARAMS[name])}"
+            f"loss term {name!r} has no parameter {unknown[0]!r}; {hint}it accepts {sorted(TERMS[name].params)}"
         )
 
 
@@ -235,11 +298,37 @@ class Objective:
     @property
     def needs_teacher(self) -> bool:
         """False when every term works from the data alone (SFT, sequence-level X-KD)."""
+        return any(TERMS[t.name].reads_signal(t.params) for t in self.terms)
+
+    @property
+    def reward_head(self) -> dict[str, Any] | None:
+        """Keyword arguments of X-KD's reward head when a term needs one (None: no head)."""
         for term in self.terms:
-            if term.name == "ce" or (term.name == "xkd" and term.params.get("variant") == "sequence"):
+            if TERMS[term.name].reward_head:
+                return {"detach_input": bool(term.params.get("detach_head_input", False))}
+        return None
+
+    @property
+    def signal_temperature(self) -> float | None:
+        """The one temperature every signal-reading term reads the teacher at (None: no term reads it).
+
+        A top-k signal cannot be re-tempered, so the teacher is served at this temperature by default
+        and terms that disagree are refused here, before any teacher pass.
+        """
+        wanted: dict[float, list[str]] = {}
+        for term in self.terms:
+            spec = TERMS[term.name]
+            if not spec.reads_signal(term.params):
                 continue
-            return True
-        return False
+            temp = spec.fixed_temperature or float(term.params.get("temperature", 1.0))
+            wanted.setdefault(temp, []).append(term.label)
+        if len(wanted) > 1:
+            detail = "; ".join(f"{', '.join(labels)} at {t:g}" for t, labels in wanted.items())
+            raise ValueError(
+                f"the loss terms read the teacher at different temperatures ({detail}), but one teacher "
+                "signal is served at one temperature: give the terms one `temperature`"
+            )
+        return next(iter(wanted), None)
 
     def __call__(
         self,

@@ -3,7 +3,8 @@
 The student's logits are a soft Q-function, Q(s, a) = z(s)[a] / τ_Q, and its policy is softmax(Q). A
 reward head on the final hidden state gives a Gaussian posterior N(μ_t, σ_t²) over the teacher's
 per-token reward. On the realized tokens y of a demonstration, the TD residual
-δ_t = Q(s_t, y_t) − γ·Q(s_{t+1}, y_{t+1}) (Q := 0 after the last token) must be likely under that
+δ_t = Q(s_t, y_t) − γ·Q(s_{t+1}, y_{t+1}) (pairs only where a next step exists, as AVRIL's code builds
+them; `terminal="zero"` sets Q := 0 after the last token instead) must be likely under that
 posterior (TD negative log-likelihood), the posterior stays close to the N(0, 1) prior (KL), and the
 policy imitates the teacher (cross-entropy on the demonstration, or a divergence to the teacher).
 
@@ -29,6 +30,7 @@ from kdray.losses.sparse import SparseMode
 Tensor = torch.Tensor
 QForm = Literal["logits", "logprobs"]
 Variant = Literal["sequence", "divergence"]
+Terminal = Literal["drop", "zero"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -74,6 +76,21 @@ def td_residual(q_taken: Tensor, mask: Tensor, *, gamma: float = 1.0) -> Tensor:
     return q_taken - gamma * next_q
 
 
+def td_pairs(mask: Tensor, terminal: Terminal = "drop") -> Tensor:
+    """(B, T) mask of the positions that form a TD pair (s_t, a_t, s_{t+1}, a_{t+1}).
+
+    `drop` (AVRIL's code, `load_data`): only where the next position is a counted token too, so the last
+    token of a response is never a current state. `zero`: every counted token, Q := 0 after the last.
+    """
+    mask = mask.bool()
+    if terminal == "zero":
+        return mask
+    if terminal != "drop":
+        raise ValueError(f"xkd terminal={terminal!r} is not one of 'drop', 'zero'")
+    has_next = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    return mask & has_next
+
+
 def gaussian_nll(residual: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
     """−log N(δ; μ, σ²) = ½ log 2π + log σ + (δ − μ)² / (2σ²), elementwise."""
     return _HALF_LOG_2PI + log_sigma + 0.5 * ((residual - mu) * torch.exp(-log_sigma)) ** 2
@@ -101,6 +118,9 @@ def xkd_loss(
     gamma: float = 1.0,
     lambda_td: float = 1.0,
     lambda_kl: float = 1.0,
+    terminal: Terminal = "drop",
+    log_sigma_min: float | None = None,
+    log_sigma_max: float | None = None,
     num_tokens: int | Tensor | None = None,
     chunk_size: int | None = None,
     **divergence_params: float,
@@ -110,10 +130,17 @@ def xkd_loss(
     Shapes: logits (B, T, V); target_ids, mask, reward_mu, reward_log_sigma (B, T). `target_ids` are the
     demonstration's tokens (teacher-generated or ground truth) aligned with the logits. `variant`
     chooses the imitation term: "sequence" = cross-entropy on the demonstration, "divergence" = the
-    §1 divergence `divergence` to `teacher_signal` at every position.
+    §1 divergence `divergence` to `teacher_signal` at every position. The policy is softmax(Q) with
+    Q = z/τ_Q throughout: the imitation term sees z/τ_Q as the student's logits, as the TD term does.
+    The TD and prior terms count the TD pairs (`terminal`) over the same global token count as the
+    imitation term, so the three stay on one scale. `log_sigma_min/max` clamp log σ (None = no clamp,
+    as AVRIL's code); the clamp is a guard for a posterior that collapses onto a near-exact residual.
     """
+    policy_logits = student_logits if tau_q == 1.0 else student_logits / tau_q
+    if log_sigma_min is not None or log_sigma_max is not None:
+        reward_log_sigma = reward_log_sigma.clamp(log_sigma_min, log_sigma_max)
     if variant == "sequence":
-        imitation = token_cross_entropy(student_logits, target_ids, chunk_size=chunk_size)
+        imitation = token_cross_entropy(policy_logits, target_ids, chunk_size=chunk_size)
     elif variant == "divergence":
         if teacher_signal is None:
             raise ValueError(
@@ -121,7 +148,7 @@ def xkd_loss(
             )
         imitation = teacher_divergence(
             divergence,
-            student_logits,
+            policy_logits,
             teacher_signal,
             temperature=temperature,
             sparse_mode=sparse_mode,
@@ -132,14 +159,17 @@ def xkd_loss(
         raise ValueError(f"xkd variant={variant!r} is not one of 'sequence', 'divergence'")
     q = q_values(student_logits, target_ids, q_form=q_form, tau_q=tau_q, chunk_size=chunk_size)
     residual = td_residual(q, mask, gamma=gamma)
+    pairs = td_pairs(mask, terminal)
+    if num_tokens is None:
+        num_tokens = mask.bool().sum()  # one denominator for all three terms
     terms = {
         "imitation": masked_mean(imitation, mask, num_tokens),
-        "td_nll": masked_mean(gaussian_nll(residual, reward_mu, reward_log_sigma), mask, num_tokens),
-        "prior_kl": masked_mean(prior_kl(reward_mu, reward_log_sigma), mask, num_tokens),
+        "td_nll": masked_mean(gaussian_nll(residual, reward_mu, reward_log_sigma), pairs, num_tokens),
+        "prior_kl": masked_mean(prior_kl(reward_mu, reward_log_sigma), pairs, num_tokens),
     }
     total = terms["imitation"] + lambda_td * terms["td_nll"] + lambda_kl * terms["prior_kl"]
     with torch.no_grad():
         # the learned per-token reward (the posterior mean): logged, not optimised
-        terms["reward_mu"] = masked_mean(reward_mu.detach(), mask, num_tokens)
-        terms["td_residual"] = masked_mean(residual.detach(), mask, num_tokens)
+        terms["reward_mu"] = masked_mean(reward_mu.detach(), pairs, num_tokens)
+        terms["td_residual"] = masked_mean(residual.detach(), pairs, num_tokens)
     return total, terms

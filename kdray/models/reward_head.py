@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LOG_SIGMA_RANGE = (-5.0, 5.0)
-
 
 class RewardHead(nn.Module):
-    """hidden (B, T, d) -> (μ, log σ), each (B, T); log σ clamped to [-5, 5] for a bounded NLL.
+    """hidden (B, T, d) -> (μ, log σ), each (B, T); log σ unclamped, as AVRIL's encoder (the X-KD term's
+    `log_sigma_min/max` clamp it in the loss when asked).
 
     Initialised at the prior N(0, 1) (zero bias, small weights) so the KL term starts near 0 and the
     first steps are driven by the TD residual. `detach_input=True` keeps reward gradients out of the
@@ -33,4 +32,4 @@ class RewardHead(nn.Module):
             hidden = hidden.detach()
         out = self.proj(hidden.to(self.proj.weight.dtype)).float()
         mu, log_sigma = out.unbind(-1)
-        return mu, log_sigma.clamp(*LOG_SIGMA_RANGE)
+        return mu, log_sigma
