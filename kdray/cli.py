@@ -18,9 +18,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="compute every loss on a tiny model and print the values")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the tiny models")
-    check = sub.add_parser("config", help="load a YAML config (with overrides) and print it resolved")
+    check = sub.add_parser(
+        "config",
+        help="load and check a YAML config (with overrides); print it with the method's terms resolved",
+    )
     check.add_argument("path", help="YAML config file")
     check.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    check.add_argument(
+        "--resolved", action="store_true", help="also say what the method needs and the teacher's temperature"
+    )
+    methods = sub.add_parser("methods", help="the distillation methods kdray trains, from their declarations")
+    methods.add_argument("--json", action="store_true", help="a JSON list, one object per method")
     run = sub.add_parser("run", help="run (or resume) the workflow of a config: data → ... → register")
     run.add_argument("--config", required=True, help="YAML config file (see workflows/configs/)")
     run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=50")
@@ -60,13 +68,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "config":
         from kdray.config import ConfigError, dump_config, load_config
+        from kdray.validate import describe_resolved, validate_config
 
         try:
             cfg = load_config(args.path, args.overrides)
+            validate_config(cfg)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        if args.resolved:
+            print(describe_resolved(cfg), end="")
         print(dump_config(cfg), end="")
+        return 0
+    if args.command == "methods":
+        from kdray.methods.table import methods_json, methods_table
+
+        print(methods_json() if args.json else methods_table())
         return 0
     if args.command == "run":
         from kdray.run import run_command

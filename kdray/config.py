@@ -133,8 +133,9 @@ class TeacherConfig:
     """Inference engine: plain transformers or vLLM."""
     top_k: int | None = 64
     """Teacher log-probs kept per position; None = the full vocabulary."""
-    temperature: float = 1.0
-    """Temperature applied to the teacher logits before the log-softmax."""
+    temperature: float | None = None
+    """Temperature the teacher's log-probs are served at; None = the loss terms' temperature (a top-k
+    signal cannot be re-tempered, so the two must agree; see `kdray.losses.signal_temperature`)."""
     replicas: int = 1
     """Number of teacher actors."""
     num_gpus: float = 0.0
@@ -249,17 +250,20 @@ class LossTerm:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The distillation method and its loss mixture."""
+    """The distillation method and its loss mixture; what a method is lives in `kdray.methods`."""
 
     _section: ClassVar[str] = "objective"
-    method: Literal[
-        "supervised_kd", "seqkd", "gkd", "minillm", "distillm", "taid", "xkd", "pad", "ava", "sft"
-    ] = "xkd"
-    """Method: decides where the training sequences come from (data, teacher or student samples)."""
-    terms: tuple[LossTerm, ...] = (LossTerm(name="xkd"),)
-    """Weighted loss terms summed into the objective; each is logged by name."""
-    on_policy_fraction: float = 0.0
-    """Fraction of batches whose responses the student samples (GKD's lambda)."""
+    method: str = "xkd"
+    """Method, one of `kdray methods`: decides the default terms and where the training sequences come
+    from (the data, the teacher's generations or student samples)."""
+    terms: tuple[LossTerm, ...] | None = None
+    """Weighted loss terms summed into the objective, each logged by name; None = the method's
+    reference terms (`kdray methods` lists them, `kdray config` prints them resolved)."""
+    on_policy_fraction: float | None = None
+    """Probability that a step trains on student samples (GKD's λ); None = the method's default."""
+    method_params: Mapping[str, Any] = field(default_factory=dict)
+    """Method-level knobs (schedules, sampling: TAID's t_start, MiniLLM's ppo_epochs, ...); unset keys
+    take the method's reference defaults."""
     sampling_temperature: float = 1.0
     """Temperature of student sampling for on-policy batches."""
     max_new_tokens: int = 64
@@ -270,9 +274,27 @@ class ObjectiveConfig:
     """Temperature of teacher generations for `teacher_generations`; 0 = greedy."""
 
     def __post_init__(self) -> None:
+        from kdray.methods import UnknownMethodError, get_method, method_params
+
+        try:
+            method = get_method(self.method)
+        except UnknownMethodError as err:
+            raise ConfigError(f"objective.method: {err}") from None
+        if self.terms is None:  # the method's reference terms
+            terms = tuple(LossTerm(t["name"], t["weight"], dict(t["params"])) for t in method.terms)
+            object.__setattr__(self, "terms", terms)
         object.__setattr__(self, "terms", tuple(self.terms))  # a list from Python code would break ==
         _non_empty(self, "terms")
+        if self.on_policy_fraction is None:
+            object.__setattr__(self, "on_policy_fraction", method.on_policy_fraction)
         _between(self, "on_policy_fraction", 0.0, 1.0)
+        if method.data == "on_policy" and method.on_policy_fraction == 1.0 and self.on_policy_fraction != 1.0:
+            _fail("objective.on_policy_fraction", self.on_policy_fraction, f"1.0 for method {self.method!r}, "
+                  "which trains on student samples only")  # fmt: skip
+        try:
+            object.__setattr__(self, "method_params", method_params(method, dict(self.method_params)))
+        except ValueError as err:
+            raise ConfigError(f"objective.method_params: {err}") from None
         _at_least(self, "sampling_temperature", 0, strict=True)
         _at_least(self, "max_new_tokens", 1)
         _at_least(self, "generation_temperature", 0)
@@ -645,7 +667,16 @@ def _field_default(cls: type, name: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+def _optional_inner(hint: Any) -> Any:
+    """X for `X | None`, the hint itself otherwise."""
+    if get_origin(hint) in (Union, types.UnionType):
+        (inner,) = [arg for arg in get_args(hint) if arg is not type(None)]
+        return inner
+    return hint
+
+
 def _is_nested(hint: Any) -> bool:
+    hint = _optional_inner(hint)
     return dataclasses.is_dataclass(hint) or get_origin(hint) in (tuple, Mapping)
 
 
@@ -661,11 +692,19 @@ def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
     where = ""
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
+        hint = _optional_inner(hint)
         if dataclasses.is_dataclass(hint):
             if part not in _hints(hint):
                 raise ConfigError(_unknown(where, part, list(_hints(hint))))
             if not last and node.get(part) is None:
-                node[part] = _to_plain(_field_default(hint, part))
+                # a missing section starts empty (its defaults resolve when built, e.g. a method's terms)
+                inner = _optional_inner(_hints(hint)[part])
+                if dataclasses.is_dataclass(inner):
+                    node[part] = {}
+                elif hint is ObjectiveConfig and part == "terms":  # None = the method's terms: set into them
+                    node[part] = _to_plain(ObjectiveConfig(method=node.get("method", "xkd")).terms)
+                else:
+                    node[part] = _to_plain(_field_default(hint, part))
             key: Any = part
             hint = _hints(hint)[part]
         elif get_origin(hint) is tuple:
@@ -680,7 +719,9 @@ def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
             node[key] = value
             return
         where, node = _join(where, part), node[key]
-        kind = list if get_origin(hint) is tuple else dict  # a scalar hint fails at the next part
+        kind = (
+            list if get_origin(_optional_inner(hint)) is tuple else dict
+        )  # a scalar hint fails at the next part
         if _is_nested(hint) and not isinstance(node, kind):
             raise ConfigError(f"cannot set `{path}`: `{where}` is {node!r}, not a {kind.__name__}")
 
@@ -743,6 +784,11 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
 def with_overrides(cfg: Config, values: Mapping[str, Any]) -> Config:
     """A copy of `cfg` with values set by dotted path, e.g. a Tune trial's {"train.lr": 1e-4}."""
     data = config_to_dict(cfg)
+    if "objective.method" in values and values["objective.method"] != cfg.objective.method:
+        # a built config holds its method's resolved defaults: another method resolves its own
+        for key, unset in (("terms", None), ("on_policy_fraction", None), ("method_params", {})):
+            if f"objective.{key}" not in values:
+                data["objective"][key] = unset
     for path, value in values.items():
         try:
             _set_path(data, path, _to_plain(value))

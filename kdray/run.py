@@ -11,9 +11,12 @@ from typing import Any
 
 def _load(path: str, overrides: list[str]) -> Any:
     from kdray.config import ConfigError, load_config
+    from kdray.validate import validate_config
 
     try:
-        return load_config(path, overrides)
+        cfg = load_config(path, overrides)
+        validate_config(cfg)  # every check that needs the loss registry, before any work
+        return cfg
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return None

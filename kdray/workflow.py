@@ -86,17 +86,22 @@ def step_key(step: str, cfg: Config, inputs: Sequence[StepResult]) -> str:
     d = config_to_dict(cfg)
     sections = {name: _section(d, name) for name in STEP_SECTIONS[step]}
     if step == "teacher_outputs":  # of the objective, only what changes the teacher's outputs: a sweep
-        sections["outputs"] = _teacher_outputs_wanted(cfg)  # over loss weights reuses one teacher pass
+        sections["outputs"] = teacher_outputs_wanted(cfg)  # over loss weights reuses one teacher pass
     return fingerprint([step, sections, [i.key for i in inputs], __version__])[:16]
 
 
-def _teacher_outputs_wanted(cfg: Config) -> dict[str, Any]:
-    from kdray.train.trainer import GENERATION_METHODS, needs_signal
+def teacher_outputs_wanted(cfg: Config) -> dict[str, Any]:
+    """What the teacher pass must produce for `cfg`: a signal (at which temperature), generations (how
+    long, how sampled). Two configs that want the same share one teacher pass (a sweep's trials)."""
+    from kdray.train.trainer import needs_generations, needs_signal
+    from kdray.validate import teacher_temperature
 
     o = cfg.objective
-    generations = o.method in GENERATION_METHODS or o.teacher_generations
+    generations = needs_generations(cfg)
+    signal = needs_signal(cfg)
     return {
-        "signal": needs_signal(cfg),
+        "signal": signal,
+        "temperature": teacher_temperature(cfg) if signal else None,
         "generations": generations,
         "max_new_tokens": o.max_new_tokens if generations else None,
         "generation_temperature": o.generation_temperature if generations else None,
@@ -197,16 +202,17 @@ def teacher_outputs_step(ctx: StepContext, data: StepResult, teacher: StepResult
     teacher's generations for SeqKD / sequence-level X-KD); every later run or Tune trial reads it."""
     from kdray.data.cache import SignalCache, signal_cache_key
     from kdray.models.loading import load_model_config
-    from kdray.train.trainer import GENERATION_METHODS, build_datasets, needs_signal
+    from kdray.train.trainer import build_datasets, needs_generations, needs_signal
+    from kdray.validate import teacher_temperature
 
     cfg = ctx.cfg
-    generations = cfg.objective.method in GENERATION_METHODS or cfg.objective.teacher_generations
+    generations = needs_generations(cfg)
     if not (needs_signal(cfg) or generations):
         return {"signal_cache": None, "reason": f"method {cfg.objective.method!r} reads no teacher output"}
     t_path = teacher.outputs["path"]
     key = signal_cache_key(  # the teacher step's key names a trained teacher; a hub id names itself
         teacher=f"{t_path}@{teacher.key}", revision=cfg.teacher.revision, tokenizer=t_path,
-        top_k=cfg.teacher.top_k, temperature=cfg.teacher.temperature,
+        top_k=cfg.teacher.top_k, temperature=teacher_temperature(cfg),
         data=f"{data.key}:{ctx.key}", version=__version__,
     )  # fmt: skip
     cache = SignalCache(ctx.directory / "signal")
@@ -251,10 +257,11 @@ def _preflight(cfg: Config, teacher_path: str) -> None:
     m = cfg.model
     if m.name_or_path in ("tiny", "teacher") or m.init == "layer_pruned":
         return
+    from kdray.methods import get_method
     from kdray.teacher.preflight import preflight
 
     preflight(
-        teacher_path, m.name_or_path, method=cfg.objective.method,
+        teacher_path, m.name_or_path, method=get_method(cfg.objective.method),
         teacher_revision=cfg.teacher.revision, student_revision=m.revision,
         teacher_gguf=cfg.teacher.gguf_file, student_gguf=m.gguf_file,
     )  # fmt: skip
@@ -583,6 +590,9 @@ def run_workflow(cfg: Config, *, run_name: str | None = None) -> WorkflowResult:
     """Run (or resume) the whole workflow on the connected Ray cluster under one parent MLflow run."""
     import ray
 
+    from kdray.validate import validate_config
+
+    validate_config(cfg)  # before any step: a bad term or temperature must not cost a teacher pass
     workdir = Path(cfg.workflow.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_dict = config_to_dict(cfg)

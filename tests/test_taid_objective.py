@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,27 +37,76 @@ def test_taid_loss_endpoints_and_detached_target():
     torch.testing.assert_close(x.grad, torch.softmax(s, -1) - target)
 
 
-def test_taid_schedule_monotone_reaches_one_and_resumes():
-    sched = TAIDSchedule(total_steps=100)
-    ts, losses = [], [5.0 - 0.03 * i + 0.2 * (i % 3) for i in range(100)]
+def reference_taid(losses, total, *, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99, adaptive=True):
+    """TAID's `update_t` written out with numpy, one call per (1-based) step."""
+    t, m, prev, out = t_start, 0.0, None, []
     for step, loss in enumerate(losses, 1):
-        ts.append(sched.update(step, loss))
-    assert ts[0] >= 0.4 and all(b >= a for a, b in itertools.pairwise(ts))
-    assert ts[-1] == pytest.approx(1.0)
-    # the reference update, step by step, for the first few steps
-    t, m, prev = 0.4, 0.0, None
-    for step, loss in enumerate(losses[:5], 1):
-        rel = 0.0 if prev is None else (prev - loss) / (prev + 1e-15)
-        m = 0.99 * m + 0.01 * rel
-        t = min(1.0, max(0.4 + 0.6 * step / 100, t + 5e-4 * torch.sigmoid(torch.tensor(m)).item() * (1 - t)))
+        t_lin = t_start + (t_end - t_start) * step / total
+        if not adaptive:
+            t = t_lin
+        elif prev is not None:  # the first call only records the loss
+            m = beta * m + (1 - beta) * (prev - loss) / (prev + 1e-15)
+            t = min(t_end, max(t_lin, t + alpha / (1 + np.exp(-m)) * (1 - t)))
         prev = loss
-        assert ts[step - 1] == pytest.approx(t)
+        out.append(t)
+    return out
+
+
+def test_taid_schedule_by_hand():
+    sched = TAIDSchedule(total_steps=10, alpha=0.5, beta=0.5)  # a large step so the adaptive part shows
+    assert sched.update(1, 2.0) == 0.4  # first call: records the loss only
+    assert sched.prev_loss == 2.0 and sched.momentum == 0.0
+    # δ = (2 − 1)/2 = 0.5, m = 0.25, Δ = 0.5·σ(0.25)·0.6 = 0.1686...; t_lin(2) = 0.52 < 0.4 + Δ
+    t2 = 0.4 + 0.5 / (1 + np.exp(-0.25)) * 0.6
+    assert sched.update(2, 1.0) == pytest.approx(t2, abs=1e-12)
+    assert sched.momentum == pytest.approx(0.25)
+    # a rising loss: δ = (1 − 4)/1 = −3, m = 0.125 − 1.5 = −1.375, a smaller but still positive step
+    t3 = max(0.4 + 0.6 * 0.3, t2 + 0.5 / (1 + np.exp(1.375)) * (1 - t2))
+    assert sched.update(3, 4.0) == pytest.approx(t3, abs=1e-12)
+
+
+def test_taid_schedule_matches_reference_update():
+    rng = np.random.default_rng(0)
+    losses = list(5.0 - 0.03 * np.arange(60) + 0.5 * rng.random(60))
+    for kwargs in ({}, {"alpha": 0.05, "beta": 0.9}, {"t_start": 0.2, "t_end": 0.8}, {"adaptive": False}):
+        sched = TAIDSchedule(total_steps=60, **kwargs)
+        got = [sched.update(step, loss) for step, loss in enumerate(losses, 1)]
+        np.testing.assert_allclose(got, reference_taid(losses, 60, **kwargs), rtol=0, atol=1e-12)
+    off = TAIDSchedule(total_steps=4, adaptive=False)
+    assert [off.update(s, 1.0 / s) for s in range(1, 5)] == pytest.approx([0.55, 0.7, 0.85, 1.0])
+    assert off.momentum == 0.0  # t follows t_lin only, from the very first call
+
+
+def test_taid_schedule_monotone_and_capped():
+    rng = np.random.default_rng(1)
+    for t_end, alpha in ((1.0, 5e-4), (0.9, 0.3), (0.7, 1.0)):
+        sched = TAIDSchedule(total_steps=200, t_end=t_end, alpha=alpha)
+        losses = np.exp(rng.normal(0.0, 1.5, 300))  # noisy, often rising: momentum goes both ways
+        ts = [sched.update(step, loss) for step, loss in enumerate(losses, 1)]  # runs past total_steps too
+        assert all(b >= a for a, b in itertools.pairwise(ts)) and max(ts) <= t_end
+        assert ts[-1] == pytest.approx(t_end)
+    # an extreme momentum (a loss jump after a near-zero loss) must not overflow the sigmoid
+    sched = TAIDSchedule(10)
+    sched.update(1, 1e-12)
+    assert 0.4 <= sched.update(2, 1e6) <= 1.0
+
+
+def test_taid_schedule_skips_non_finite_and_resumes_exactly():
+    sched = TAIDSchedule(10)
+    assert sched.update(1, float("nan")) == 0.4 and sched.prev_loss is None  # still before the first call
+    assert sched.update(2, float("inf")) == 0.4
+    assert sched.update(3, 2.0) == 0.4  # this is the first real call
     a, b = TAIDSchedule(50), TAIDSchedule(50)
-    for step in range(1, 10):
+    b.update(1, 9.0)
+    b.load_state_dict(TAIDSchedule(50).state_dict())  # a fresh state: the next call is again the first
+    assert b.prev_loss is None and b.update(1, 5.0) == 0.4
+    for step in range(2, 10):
         a.update(step, 3.0 / step)
     b.load_state_dict(a.state_dict())
-    assert a.update(10, 0.2) == b.update(10, 0.2)
-    assert TAIDSchedule(10).update(1, float("nan")) == 0.4
+    assert [a.update(s, 0.2 / s) for s in range(10, 15)] == [b.update(s, 0.2 / s) for s in range(10, 15)]
+    c = TAIDSchedule(50)
+    c.load_state_dict(TAIDSchedule(50, adaptive=False).state_dict())
+    assert not c.adaptive
 
 
 # ---- objective ---------------------------------------------------------------------------------
@@ -143,7 +193,7 @@ def test_duplicate_terms_get_distinct_labels():
 def test_builder_errors_name_the_problem():
     with pytest.raises(ValueError, match="did you mean 'forward_kl'"):
         build_objective([Term("forward_kll")])
-    with pytest.raises(ValueError, match=r"no parameter\(s\) \['betta'\]"):
+    with pytest.raises(ValueError, match=r"no parameter.*'betta'"):
         build_objective([Term("jsd", 1.0, {"betta": 0.5})])
     with pytest.raises(ValueError, match="weight=-1"):
         build_objective([Term("ce", -1.0)])

@@ -149,6 +149,10 @@ class TeacherPool:
         """A pool from the `teacher` config section. `teacher_overrides` are Teacher arguments set in other
         sections (e.g. `chat_template` from `data`); `pool_options` are the other pool arguments."""
         teacher_kwargs = {f: getattr(config, f) for f in _CONFIG_TEACHER_FIELDS}
+        if teacher_kwargs.get("temperature", 0) is None:
+            # "follow the loss": the trainer passes the loss temperature in `teacher_overrides`; a pool
+            # built from the teacher section alone serves plain log-probs
+            teacher_kwargs["temperature"] = 1.0
         pool_kwargs = {f: getattr(config, f) for f in _CONFIG_POOL_FIELDS}
         return cls(
             {**teacher_kwargs, **(teacher_overrides or {})}, name=name, **{**pool_kwargs, **pool_options}

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-#: methods that exchange only text with the teacher, so any two tokenizers work
-TEXT_ONLY_METHODS = frozenset({"seqkd", "pad", "sft"})
+from kdray.methods import METHODS, Method, get_method
 
 
 class VocabularyMismatchError(ValueError):
@@ -43,25 +42,30 @@ def check_vocabularies(
     *,
     teacher_head: int,
     student_head: int,
-    method: str,
+    method: str | Method,
     teacher_name: str = "teacher",
     student_name: str = "student",
 ) -> VocabPlan:
-    """The slicing plan for two tokenizers and head sizes, or a VocabularyMismatchError naming both."""
+    """The slicing plan for two tokenizers and head sizes, or a VocabularyMismatchError naming both.
+
+    Which pairs are accepted is the method's declared tokenizer rule (`kdray.methods`)."""
+    if isinstance(method, str):
+        method = get_method(method)
     teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     same = teacher_vocab == student_vocab
     size = len(teacher_tokenizer) if same else min(len(teacher_tokenizer), len(student_tokenizer))
-    if not same and method not in TEXT_ONLY_METHODS:
+    if not same and not method.text_only:
+        text_only = sorted(name for name, m in METHODS.items() if m.text_only)
         only_t = sorted(set(teacher_vocab) - set(student_vocab))[:5]
         moved = sorted(
             t for t in set(teacher_vocab) & set(student_vocab) if teacher_vocab[t] != student_vocab[t]
         )[:5]
         raise VocabularyMismatchError(
-            f"method {method!r} compares token distributions, but the tokenizers differ: teacher "
+            f"method {method.name!r} compares token distributions, but the tokenizers differ: teacher "
             f"{_describe(teacher_name, teacher_tokenizer, teacher_head)} vs student "
             f"{_describe(student_name, student_tokenizer, student_head)}; e.g. tokens only in the teacher: "
             f"{only_t}, tokens with different ids: {moved}. Use a student with the teacher's tokenizer, or a "
-            f"text-only method ({', '.join(sorted(TEXT_ONLY_METHODS))})."
+            f"text-only method ({', '.join(text_only)})."
         )
     for who, head, tok in (
         ("teacher", teacher_head, teacher_tokenizer),
@@ -79,7 +83,7 @@ def preflight(
     teacher: str,
     student: str,
     *,
-    method: str,
+    method: str | Method,
     teacher_revision: str | None = None,
     student_revision: str | None = None,
     teacher_gguf: str | None = None,

@@ -123,7 +123,8 @@ class Teacher:
     def logprobs(self, batch: Mapping[str, Any], k: int | None = None) -> Signal:
         """Teacher signal for a tokenized batch: `input_ids` (ragged lists or a padded 2-D array) with
         optional `attention_mask` and `response_mask` (True = counts). Returns `topk_ids int32 [B,T,k]`,
-        `topk_logprobs float32 [B,T,k]`, `token_logprobs float32 [B,T]`, `mask bool [B,T]`.
+        `topk_logprobs float32 [B,T,k]`, `token_logprobs float32 [B,T]`, `mask bool [B,T]` and
+        `temperature float32 [B]` (the temperature the log-probs were computed at).
         """
         sequences, width, response = _unpad(batch)
         return self._signal(sequences, width, response, k)
@@ -155,6 +156,8 @@ class Teacher:
             "topk_logprobs": np.zeros((b, width, k), np.float32),
             "token_logprobs": np.zeros((b, width), np.float32),
             "mask": np.zeros((b, width), bool),
+            # the temperature travels with the log-probs, so no consumer can read them at another one
+            "temperature": np.full(b, self.temperature, np.float32),
         }
         for i, (ids, lp, tok) in enumerate(rows):
             n = len(tok)

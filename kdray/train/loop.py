@@ -22,16 +22,13 @@ import numpy as np
 import torch
 
 from kdray.losses import build_objective
-from kdray.losses.taid import TAIDSchedule
 from kdray.models import Student
 from kdray.models.build import build_student, export_student
 from kdray.train.batches import micro_batches
-from kdray.train.onpolicy import AdaptiveOffPolicy, ReplayBuffer
 from kdray.train.sampler import OnPolicySource
 from kdray.train.schedule import lr_lambda
+from kdray.train.state import method_state
 from kdray.train.step import StepConfig, to_tensors, train_step
-
-HEAD_TERMS = frozenset({"xkd"})
 
 
 @dataclass
@@ -41,6 +38,8 @@ class LoopSpec:
     student: dict[str, Any]
     terms: list[dict[str, Any]]
     method: str = "xkd"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    """The method's knobs, resolved from its declaration (`kdray.methods`) and the config."""
     on_policy_fraction: float = 0.0
     sampling_temperature: float = 1.0
     max_new_tokens: int = 64
@@ -49,7 +48,7 @@ class LoopSpec:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    max_steps: int = 100
+    max_steps: int = 200
     lr_schedule: str = "cosine"
     grad_clip: float | None = 1.0
     checkpoint_every: int = 50
@@ -74,29 +73,18 @@ class LoopSpec:
 
 
 class _State:
-    """Method state that lives across steps and goes into checkpoints."""
+    """Loop position and the method's own state (`kdray.train.state`), checkpointed together."""
 
     def __init__(self, spec: LoopSpec) -> None:
-        names = {t["name"] for t in spec.terms}
         self.step, self.consumed = 0, 0
-        self.taid = TAIDSchedule(spec.max_steps) if "taid" in names else None
-        self.adaptive = AdaptiveOffPolicy() if spec.method == "distillm" else None
-        self.replay = ReplayBuffer(seed=spec.seed) if spec.method == "distillm" else None
+        self.method = method_state(spec.method, spec.max_steps, spec.method_params, spec.seed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "consumed": self.consumed,
-            "taid": self.taid.state_dict() if self.taid else None,
-            "adaptive": self.adaptive.state_dict() if self.adaptive else None,
-            "replay": self.replay.state_dict() if self.replay else None,
-        }
+        return {"step": self.step, "consumed": self.consumed, "method": self.method.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.consumed = state["step"], state["consumed"]
-        for name in ("taid", "adaptive", "replay"):
-            if getattr(self, name) is not None and state.get(name) is not None:
-                getattr(self, name).load_state_dict(state[name])
+        self.method.load_state_dict(state.get("method") or {})
 
 
 class RayTrainSession:
@@ -154,8 +142,8 @@ class RayTrainSession:
 def _build(spec: LoopSpec, device: torch.device) -> tuple[Student, Any, Any, Any]:
     lm, tokenizer = build_student(**spec.student, device=str(device), seed=spec.seed)
     torch.manual_seed(spec.seed)  # the reward head's init, identical on every worker
-    needs_head = any(t["name"] in HEAD_TERMS for t in spec.terms)
-    student = Student.with_reward_head(lm) if needs_head else Student(lm)
+    head = build_objective(spec.terms).reward_head
+    student = Student(lm) if head is None else Student.with_reward_head(lm, **head)
     student.to(device)
     decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
@@ -208,6 +196,15 @@ def _all_reduce_sum(values: dict[str, float], keys: list[str]) -> dict[str, floa
     t = torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {**values, **dict(zip(keys, t.tolist(), strict=True))}
+
+
+def advance_method_state(method_state: Any, step: int, local_loss: float) -> float:
+    """Advance a method's state after optimizer step `step` with the *global* loss: each worker's loss is
+    its share of the global mean, so their sum is the same number on every worker, and so is the state
+    it drives (TAID's t). Returns that global loss."""
+    loss = _all_reduce_sum({"loss": float(local_loss)}, ["loss"])["loss"]
+    method_state.after_step(step, loss)
+    return loss
 
 
 def _eval_loss(student: Student, shard: Any, pad_id: int, batch_size: int, device: torch.device) -> float:
@@ -315,6 +312,8 @@ class TrainingLoop:
         )
         self.eval_shard = session.dataset("eval")
         self.source = OnPolicySource(spec, self.state, _unwrap(self.student), tok, self.rank)
+        self.rollout: list[dict[str, Any]] | None = None  # an on-policy batch reused for PPO epochs
+        self.rollout_left = 0
         self.first_step_at: float | None = None
 
     def run(self) -> None:
@@ -330,22 +329,43 @@ class TrainingLoop:
             if self.tracker is not None and owned is None:
                 self.tracker.close(status=None, timeout_s=30)  # the step that owns the run ends it
 
+    def _next_micro(self) -> list[dict[str, Any]]:
+        """The step's micro-batches: the rollout again while PPO epochs remain, else fresh data (or the
+        student samples that replace it)."""
+        if self.rollout is not None and self.rollout_left > 0:
+            self.rollout_left -= 1
+            return self.rollout
+        micro = [next(self.stream) for _ in range(self.spec.grad_accum)]
+        self.state.consumed += 1
+        micro = self.source.maybe_replace(self.state.step + 1, micro)
+        epochs = self.source.rollout_epochs
+        if self.source.last_on_policy and epochs > 1:
+            self.rollout, self.rollout_left = micro, epochs - 1
+        return micro
+
+    def _initial_eval(self) -> None:
+        """A held-out loss before the first step, for methods that compare against it (DistiLLM)."""
+        if self.state.step == 0 and self.state.method.initial_eval and self.eval_shard is not None:
+            loss = _eval_loss(
+                _unwrap(self.student), self.eval_shard, self.pad_id, self.spec.batch_size, self.device
+            )
+            self.state.method.after_eval(loss)
+
     def _steps(self, bar: Any) -> None:
         spec, state = self.spec, self.state
+        self._initial_eval()
         while state.step < spec.max_steps:
-            micro = [next(self.stream) for _ in range(spec.grad_accum)]
-            micro = self.source.maybe_replace(state.step + 1, micro)
+            micro = self._next_micro()
             self.first_step_at = self.first_step_at or time.time()
             started = time.perf_counter()
-            runtime = {"taid": {"t": state.taid.t}} if state.taid else None
             tensors = [to_tensors(m, self.device) for m in micro]
             logs = train_step(
-                self.student, self.optimizer, self.objective, tensors, self.step_cfg, runtime=runtime
-            )
+                self.student, self.optimizer, self.objective, tensors, self.step_cfg,
+                runtime=state.method.runtime(),
+            )  # fmt: skip
             self.scheduler.step()
-            state.step, state.consumed = state.step + 1, state.consumed + 1
-            if state.taid:
-                state.taid.update(state.step, logs["loss"])
+            state.step += 1
+            advance_method_state(state.method, state.step, logs["loss"])
             tokens = sum(int(np.asarray(m["attention_mask"]).sum()) for m in micro)
             self._report(logs, tokens / max(time.perf_counter() - started, 1e-9))
             if bar is not None:
@@ -368,6 +388,7 @@ class TrainingLoop:
             first_step_at=self.first_step_at,
             worker_pid=os.getpid(),  # rank 0's process: where to look when a run misbehaves
             **self.source.metrics(),
+            **state.method.metrics(),
         )
         if last and self.rank == 0 and spec.teacher_progress is not None:
             import ray
@@ -381,8 +402,7 @@ class TrainingLoop:
             metrics["eval_loss"] = _eval_loss(
                 _unwrap(self.student), self.eval_shard, self.pad_id, spec.batch_size, self.device
             )
-            if state.adaptive is not None:
-                metrics["student_data_prob"] = state.adaptive.update(metrics["eval_loss"])
+            metrics.update(state.method.after_eval(metrics["eval_loss"]))
         if not (ckpt_now or eval_now or step % spec.log_every == 0):
             return
         checkpoint = (

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from kdray.train.batches import TOKEN_COLUMNS, regularize_batch
 
 Tensor = torch.Tensor
 
@@ -68,12 +70,20 @@ def sample_student(
     teacher_model: Any = None,
     mix_alpha: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Sample one response per prompt from the student (or from α·p_teacher + (1−α)·q_student).
+    """Sample one response per prompt from the student, or from MiniLLM's teacher-mixed policy.
 
-    Returns per prompt: `response_ids` (EOS kept), `old_logprobs` (student log-probs of those tokens at
-    temperature 1, the sampling policy for MiniLLM's ratio) and `mix_logprobs` (log-probs under the
-    distribution actually sampled from). Teacher mixing needs the teacher model in this process.
+    The mixture is of *probabilities*, both sides at the same temperature τ, as the reference's patched
+    `generate` does (REFERENCES.md §2): π = (1−α)·softmax(z_student/τ) + α·softmax(z_teacher/τ).
+    Returns per prompt: `response_ids` (EOS kept), `old_logprobs` = log softmax(z_student/τ) of those
+    tokens (the reference's log q at rollout, the PPO ratio's denominator) and `mix_logprobs` = log π of
+    them (the distribution actually sampled; q/π is MiniLLM's per-token importance weight). With τ = 1,
+    MiniLLM's default, these are the plain log-probs; without mixing the two are equal. Teacher mixing
+    needs the teacher model in this process, with the student's vocabulary.
     """
+    if not 0.0 <= mix_alpha <= 1.0:
+        raise ValueError(f"mix_alpha={mix_alpha!r} must lie in [0, 1]")
+    if not temperature > 0.0:
+        raise ValueError(f"sampling temperature={temperature!r} must be > 0")
     if mix_alpha > 0 and teacher_model is None:
         raise ValueError("teacher-mixed sampling (mix_alpha > 0) needs a local teacher model in the worker")
     was_training = model.training
@@ -85,19 +95,22 @@ def sample_student(
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, old_lp, mix_lp = [], [], []
     for _ in range(max_new_tokens):
-        logits = student(ids, attn)[..., :vocab_size]
-        logq = torch.log_softmax(logits, -1)
-        sample_logits = torch.log_softmax(logits / temperature, -1)
+        logq = torch.log_softmax(student(ids, attn)[..., :vocab_size] / temperature, -1)
+        log_pi = logq
         if teacher is not None:
-            logp = torch.log_softmax(teacher(ids, attn)[..., : logq.shape[-1]], -1)
-            sample_logits = torch.logaddexp(
-                logp + math.log(mix_alpha), sample_logits + math.log1p(-mix_alpha)
-            )
-        y = torch.multinomial(sample_logits.exp(), 1, generator=gen).squeeze(-1)
+            teacher_logits = teacher(ids, attn)[..., : logq.shape[-1]]
+            if teacher_logits.shape != logq.shape:
+                raise ValueError(
+                    f"teacher-mixed sampling needs one vocabulary: teacher logits {tuple(teacher_logits.shape)}, "
+                    f"student {tuple(logq.shape)}"
+                )
+            logp = torch.log_softmax(teacher_logits / temperature, -1)
+            log_pi = torch.logaddexp(logp + math.log(mix_alpha), logq + math.log1p(-mix_alpha))
+        y = torch.multinomial(log_pi.exp(), 1, generator=gen).squeeze(-1)
         y = torch.where(done, torch.full_like(y, pad_id), y)
         tokens.append(y)
         old_lp.append(logq.gather(-1, y[:, None]).squeeze(-1))
-        mix_lp.append(sample_logits.gather(-1, y[:, None]).squeeze(-1))
+        mix_lp.append(log_pi.gather(-1, y[:, None]).squeeze(-1))
         ids = torch.cat([ids, y[:, None]], 1)
         attn = torch.cat([attn, (~done).long()[:, None]], 1)
         if eos_id is not None:
@@ -156,62 +169,154 @@ def sampled_batch(
 
 
 class ReplayBuffer:
-    """DistiLLM's replay buffer of student samples: FIFO with a capacity, sampled uniformly, seeded."""
+    """DistiLLM's replay buffer of student samples (REFERENCES.md §3).
+
+    The unit is one sample (a row), as in the reference: a FIFO deque of at most `capacity` rows, the
+    oldest falling out once it is full. A row keeps every column of the micro-batch it came from (tokens,
+    masks, sampling log-probs, the teacher's score of it), the per-token columns trimmed of their right
+    padding, so a replayed row trains exactly as it did when fresh: no re-scoring and no correction for
+    staleness, as in the reference. Draws are uniform without replacement (the reference's
+    `random.sample`) from the buffer's own seeded RNG, which is checkpointed with the contents.
+    """
 
     def __init__(self, capacity: int = 1000, seed: int = 0) -> None:
         if capacity < 1:
             raise ValueError(f"replay buffer capacity={capacity!r} must be >= 1")
-        self.items: deque[Any] = deque(maxlen=capacity)
+        self.rows: deque[dict[str, np.ndarray]] = deque(maxlen=capacity)
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.rows)
 
-    def add(self, items: Sequence[Any]) -> None:
-        """Append samples; the oldest fall out once the buffer is full."""
-        self.items.extend(items)
+    @property
+    def capacity(self) -> int:
+        """The most rows held."""
+        return int(self.rows.maxlen or 0)
 
-    def sample(self, n: int) -> list[Any]:
-        """n samples drawn with replacement (the buffer may hold fewer than n)."""
-        if not self.items:
-            raise ValueError("the replay buffer is empty: add student samples before sampling")
-        idx = self.rng.integers(0, len(self.items), size=n)
-        return [self.items[i] for i in idx]
+    def add_batch(self, batch: Mapping[str, Any]) -> None:
+        """Append every row of a micro-batch (a dict of per-row columns, rows right-padded; a row's real
+        length is its attention-mask sum). Arrays are copied: later edits of `batch` do not reach here."""
+        n = len(batch["attention_mask"])
+        short = {key: len(col) for key, col in batch.items() if len(col) != n}
+        if short:
+            raise ValueError(f"replay buffer: every column needs one entry per row ({n}); got {short}")
+        for i in range(n):
+            length = int(np.asarray(batch["attention_mask"][i], bool).sum())
+            row = {}
+            for key, col in batch.items():
+                value = np.array(col[i])
+                row[key] = value[:length] if key in TOKEN_COLUMNS else value
+            self.rows.append(row)
+
+    def sample_batch(self, n: int, pad_id: int) -> dict[str, np.ndarray]:
+        """n distinct rows drawn uniformly, re-padded into one regular micro-batch (`regularize_batch`:
+        input_ids padded with `pad_id`, the other per-token columns with 0, width = longest row)."""
+        if n < 1:
+            raise ValueError(f"replay buffer: cannot draw n={n!r} rows")
+        if n > len(self.rows):
+            raise ValueError(
+                f"replay buffer holds {len(self.rows)} rows, fewer than the {n} requested (draws are without "
+                "replacement): add student samples before replaying"
+            )
+        idx = self.rng.choice(len(self.rows), size=n, replace=False)
+        rows = [self.rows[int(i)] for i in idx]
+        keys = set(rows[0])
+        if any(set(r) != keys for r in rows):
+            raise ValueError("replay buffer: the drawn rows carry different columns; cannot batch them")
+        batch: dict[str, Any] = {
+            key: [r[key] for r in rows] if key in TOKEN_COLUMNS else np.stack([r[key] for r in rows])
+            for key in rows[0]
+        }
+        return regularize_batch(batch, pad_id)
 
     def state_dict(self) -> dict[str, Any]:
         """Contents and RNG state, for checkpoints."""
-        return {"items": list(self.items), "capacity": self.items.maxlen, "rng": self.rng.bit_generator.state}
+        return {"rows": list(self.rows), "capacity": self.capacity, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict()`."""
-        self.items = deque(state["items"], maxlen=state["capacity"])
+        self.rows = deque(state["rows"], maxlen=int(state["capacity"]))
         self.rng.bit_generator.state = state["rng"]
 
 
-class AdaptiveOffPolicy:
-    """DistiLLM's adaptive student-generated-output ratio: starts at 0 and rises by `increment` each time
-    the validation loss rises by at least `threshold` over the previous evaluation (capped at 1)."""
+REPLAY_SCHEDULES = ("decreasing", "constant", "increasing")
 
-    def __init__(self, increment: float = 0.1, threshold: float = 0.1, initial: float = 0.0) -> None:
-        self.prob, self.increment, self.threshold = initial, increment, threshold
-        self.prev_val: float | None = None
+
+class AdaptiveOffPolicy:
+    """DistiLLM's adaptive off-policy schedule, as its reference code runs it (REFERENCES.md §3).
+
+    `threshold` (thr) is the probability that a step trains on student samples instead of the data. It
+    starts at `init_threshold` and rises by `increment` (capped at 1) each time the validation loss is at
+    least `loss_eps` above the loss recorded at the last raise; the first `update` records the
+    pre-training loss. It never falls. Within student data, `replay` sets the share of fresh samples,
+    samp (see `fresh_probability`); the rest are replayed from the buffer.
+    """
+
+    def __init__(
+        self,
+        init_threshold: float = 0.0,
+        loss_eps: float = 0.1,
+        increment: float = 0.1,
+        replay: str = "decreasing",
+    ) -> None:
+        if replay not in REPLAY_SCHEDULES:
+            raise ValueError(f"replay={replay!r}: choose one of {REPLAY_SCHEDULES}")
+        if not 0.0 <= init_threshold <= 1.0:
+            raise ValueError(f"init_threshold={init_threshold!r} must lie in [0, 1]")
+        if increment < 0.0:
+            raise ValueError(f"increment={increment!r} must be >= 0")
+        self.threshold, self.loss_eps, self.increment, self.replay = (
+            init_threshold,
+            loss_eps,
+            increment,
+            replay,
+        )
+        self.prev_val: float | None = None  # None until the first (pre-training) evaluation
 
     def update(self, val_loss: float) -> float:
-        """Feed a validation loss; returns the probability of using student samples from now on."""
-        if self.prev_val is not None and val_loss - self.prev_val >= self.threshold:
-            self.prob = min(1.0, self.prob + self.increment)
-        self.prev_val = float(val_loss)
-        return self.prob
+        """Feed a validation loss (the globally reduced one); returns thr. The comparison is against the
+        loss at the last raise, not the previous evaluation, so slow drifts up also trigger."""
+        val = float(val_loss)
+        if not math.isfinite(val):
+            return self.threshold
+        if self.prev_val is None:
+            self.prev_val = val
+        elif val >= self.prev_val + self.loss_eps:
+            # rounded so that ten raises of 0.1 reach exactly 1.0 (float sums stop at 0.9999999999999999)
+            self.threshold = min(1.0, round(self.threshold + self.increment, 12))
+            self.prev_val = val
+        return self.threshold
 
-    def use_student_data(self, seed: int, step: int) -> bool:
-        """The per-step draw, identical on every worker (see `on_policy_coin`)."""
-        return on_policy_coin(seed + 7919, step, self.prob)
+    def fresh_probability(self, step: int, total_steps: int) -> float:
+        """samp: thr·(1 − step/total) decreasing, thr·0.5 constant, thr·step/total increasing."""
+        frac = min(max(step / max(total_steps, 1), 0.0), 1.0)
+        scale = {"decreasing": 1.0 - frac, "constant": 0.5, "increasing": frac}[self.replay]
+        return self.threshold * scale
+
+    def choose(self, seed: int, step: int, total_steps: int, buffer_len: int, capacity: int) -> str:
+        """Where step `step`'s batch comes from: "fresh" (sample the student now, add the samples to the
+        buffer, train on them), "replay" (train on buffered samples) or "data".
+
+        With r ~ U(0, 1): fresh if r < samp or (r < thr and the buffer is not full); else replay if
+        r < thr; else data. Once the buffer is full, P(fresh) = samp, P(replay) = thr − samp and
+        P(data) = 1 − thr. r is a pure function of (seed, step) (ours: the reference draws per rank), so
+        every worker takes the same branch; buffer lengths agree across workers because each fresh
+        step adds the same number of rows on every worker.
+        """
+        r = float(np.random.default_rng([seed + 7919, step]).random())
+        samp = self.fresh_probability(step, total_steps)
+        if r < samp or (r < self.threshold and buffer_len < capacity):
+            return "fresh"
+        if r < self.threshold:
+            return "replay"
+        return "data"
 
     def state_dict(self) -> dict[str, float | None]:
-        """Probability and last validation loss, for checkpoints."""
-        return {"prob": self.prob, "prev_val": self.prev_val}
+        """thr and the loss at the last raise, for checkpoints."""
+        return {"threshold": self.threshold, "prev_val": self.prev_val}
 
     def load_state_dict(self, state: dict[str, float | None]) -> None:
         """Restore from `state_dict()`."""
-        self.prob = float(state["prob"])  # type: ignore[arg-type]
-        self.prev_val = state["prev_val"]
+        self.threshold = float(state["threshold"])  # type: ignore[arg-type]
+        prev = state["prev_val"]
+        self.prev_val = None if prev is None else float(prev)

@@ -1,8 +1,11 @@
-"""Where a step's batches come from when the method is on-policy (GKD with λ > 0, MiniLLM, DistiLLM).
+"""Where a step's batches come from when the method samples from the student (GKD with λ > 0,
+MiniLLM, DistiLLM's adaptive phase, any method with `objective.on_policy_fraction` > 0).
 
-The student samples responses to the batch's prompts inside the worker; the teacher scores them through
-the TeacherPool's actors. Scoring is asynchronous: while the teacher scores micro-batch i, the student
-already samples micro-batch i+1.
+The method's declaration (`kdray.methods`) says how: a per-step coin with probability λ, or DistiLLM's
+adaptive choice between fresh samples, replayed samples and the data. The student samples responses to
+the batch's prompts inside the worker (from α·p_teacher + (1−α)·q_student when the method mixes in the
+teacher, with a copy of the teacher in the worker); the teacher scores them through the TeacherPool's
+actors. Scoring is asynchronous: while the teacher scores micro-batch i, the student samples i+1.
 """
 
 from __future__ import annotations
@@ -13,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from kdray.methods import get_method
 from kdray.train.batches import prompts_of, regularize_batch
 from kdray.train.onpolicy import on_policy_coin, sample_student, sampled_batch
-
-ON_POLICY_METHODS = frozenset({"minillm", "distillm"})
 
 
 class OnPolicySource:
@@ -24,34 +26,45 @@ class OnPolicySource:
 
     def __init__(self, spec: Any, state: Any, student: Any, tokenizer: Any, rank: int) -> None:
         self.spec, self.state, self.student, self.rank = spec, state, student, rank
-        self.enabled = spec.on_policy_fraction > 0 or spec.method in ON_POLICY_METHODS
+        self.method = get_method(spec.method)
+        self.adaptive = self.method.data == "adaptive"
+        self.enabled = spec.on_policy_fraction > 0 or self.adaptive
         self.handles = list(spec.teacher_handles)
         if self.enabled and not self.handles:
             raise ValueError(
                 f"method {spec.method!r} with on_policy_fraction={spec.on_policy_fraction} samples from the student "
                 "and needs a teacher pool to score the samples; none was passed to the trainer"
             )
+        param = self.method.rollout_epochs_param
+        self.rollout_epochs = int(spec.method_params[param]) if param else 1
+        self.mix_alpha = float(spec.method_params.get("mix_alpha", 0.0))
+        self._teacher_lm: Any = None
         self.eos_id, self.vocab_size = tokenizer.eos_token_id, len(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.latencies: list[float] = []
         self.on_policy_steps = 0
+        self.last_on_policy = False
         self._next_handle = rank
 
-    def wants(self, step: int) -> bool:
-        """The per-step decision, a pure function of (seed, step) so every worker agrees."""
-        if self.spec.method == "minillm":
-            return True
-        if self.spec.method == "distillm":
-            return self.state.adaptive.use_student_data(self.spec.seed, step)
-        return on_policy_coin(self.spec.seed, step, self.spec.on_policy_fraction)
+    def choice(self, step: int) -> str:
+        """ "fresh" (sample now), "replay" (from the buffer) or "data": a pure function of (seed, step) and
+        state every worker shares, so every worker agrees."""
+        if not self.enabled:
+            return "data"
+        if self.adaptive:
+            return self.state.method.choose(self.spec.seed, step)
+        return "fresh" if on_policy_coin(self.spec.seed, step, self.spec.on_policy_fraction) else "data"
 
     def maybe_replace(self, step: int, micro: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The data micro-batches, or scored student samples for the same prompts."""
-        if not (self.enabled and self.wants(step)):
+        """The data micro-batches, or student samples (fresh and scored, or replayed) for the same prompts."""
+        choice = self.choice(step)
+        self.last_on_policy = choice != "data"
+        if choice == "data":
             return micro
         self.on_policy_steps += 1
-        if self.state.replay is not None and len(self.state.replay) >= len(micro) and self._replay_coin(step):
-            return self.state.replay.sample(len(micro))
+        if choice == "replay":
+            buffer = self.state.method.replay
+            return [buffer.sample_batch(len(m["input_ids"]), self.pad_id) for m in micro]
         pending = []
         for i, batch in enumerate(micro):
             prompts = prompts_of(batch)
@@ -59,20 +72,35 @@ class OnPolicySource:
                 self.student.lm, prompts, max_new_tokens=self.spec.max_new_tokens, eos_id=self.eos_id,
                 pad_id=self.pad_id, temperature=self.spec.sampling_temperature, vocab_size=self.vocab_size,
                 seed=hash((self.spec.seed, step, self.rank, i)) % (1 << 31),
+                teacher_model=self._teacher(), mix_alpha=self.mix_alpha,
             )  # fmt: skip
             seqs = [p + s["response_ids"] for p, s in zip(prompts, samples, strict=True)]
             pending.append(
                 (prompts, samples, self._submit(seqs, [len(p) for p in prompts]), time.perf_counter())
             )
         out = [self._collect(*item) for item in pending]
-        if self.state.replay is not None:
-            self.state.replay.add(out)
+        if self.adaptive:
+            for batch in out:
+                self.state.method.replay.add_batch(batch)
         return out
 
-    def _replay_coin(self, step: int) -> bool:
-        # DistiLLM reuses buffered samples for half of its student-data steps (ours: the paper's ratio
-        # could not be read); fresh samples keep the buffer current.
-        return on_policy_coin(self.spec.seed + 104729, step, 0.5)
+    def _teacher(self) -> Any:
+        """The teacher LM in this worker, loaded once, for teacher-mixed sampling (None when not mixing)."""
+        if self.mix_alpha <= 0:
+            return None
+        if self._teacher_lm is None:
+            from kdray.models.loading import load_causal_lm
+
+            path = self.spec.student.get("teacher_path")
+            if not path:
+                raise ValueError(
+                    f"method {self.spec.method!r} mixes the teacher into sampling (mix_alpha={self.mix_alpha}) "
+                    "and needs the teacher's path; set objective.method_params.mix_alpha: 0 to sample the student alone"
+                )
+            device = next(self.student.lm.parameters()).device
+            self._teacher_lm, _ = load_causal_lm(path, device=str(device))
+            self._teacher_lm.eval()
+        return self._teacher_lm
 
     def _submit(self, seqs: list[list[int]], lengths: list[int]) -> Any:
         handle = self.handles[self._next_handle % len(self.handles)]

@@ -23,7 +23,7 @@ import torch
 from kdray.losses.objective import Objective
 
 Tensor = torch.Tensor
-SIGNAL_KEYS = ("topk_ids", "topk_logprobs", "token_logprobs", "teacher_logits")
+SIGNAL_KEYS = ("topk_ids", "topk_logprobs", "token_logprobs", "teacher_logits", "temperature")
 #: per-token columns of on-policy samples (MiniLLM's sampling log-probs), aligned with the input tokens
 SAMPLE_KEYS = ("old_logprobs", "mix_logprobs")
 
@@ -63,7 +63,10 @@ def teacher_signal(batch: Mapping[str, Tensor], vocab_size: int | None = None) -
         logits = batch["teacher_logits"][:, 1:]
         return {"teacher_logits": logits[..., :vocab_size] if vocab_size else logits}
     if "topk_ids" in batch:
-        return {k: batch[k][:, 1:] for k in ("topk_ids", "topk_logprobs", "token_logprobs") if k in batch}
+        signal = {k: batch[k][:, 1:] for k in ("topk_ids", "topk_logprobs", "token_logprobs") if k in batch}
+        if "temperature" in batch:  # one value per row, not per token: no shift
+            signal["temperature"] = batch["temperature"]
+        return signal
     return None
 
 

@@ -13,11 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdray.methods import get_method
 from kdray.train.loop import LoopSpec, spec_to_config, train_loop_per_worker
-from kdray.train.sampler import ON_POLICY_METHODS
-
-#: methods that train on teacher-generated responses
-GENERATION_METHODS = frozenset({"seqkd"})
 
 
 @dataclass
@@ -50,6 +47,8 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
 
 def teacher_kwargs(cfg: Any, teacher_path: str) -> dict[str, Any]:
     """Teacher constructor arguments from the `teacher` section, with the resolved model path."""
+    from kdray.validate import teacher_temperature
+
     t = cfg.teacher
     return {
         "name_or_path": teacher_path,
@@ -57,7 +56,7 @@ def teacher_kwargs(cfg: Any, teacher_path: str) -> dict[str, Any]:
         "revision": t.revision,
         "gguf_file": t.gguf_file,
         "top_k": t.top_k,
-        "temperature": t.temperature,
+        "temperature": teacher_temperature(cfg),
         "batch_size": t.batch_size,
         "dtype": t.dtype,
         "truncate": t.truncate,
@@ -85,6 +84,7 @@ def loop_spec(
         },
         terms=[{"name": x.name, "weight": x.weight, "params": dict(x.params)} for x in o.terms],
         method=o.method,
+        method_params=dict(o.method_params),
         on_policy_fraction=o.on_policy_fraction,
         sampling_temperature=o.sampling_temperature,
         max_new_tokens=o.max_new_tokens,
@@ -113,14 +113,19 @@ def needs_signal(cfg: Any) -> bool:
     """Off-policy batches carry a teacher signal unless every term works from the data alone."""
     from kdray.losses import build_objective
 
-    if cfg.objective.method == "minillm" or cfg.objective.on_policy_fraction >= 1.0:
+    if cfg.objective.on_policy_fraction >= 1.0:
         return False  # every batch is sampled and scored on the fly
     return build_objective(cfg.objective.terms).needs_teacher
 
 
+def needs_generations(cfg: Any) -> bool:
+    """The training responses are the teacher's generations (SeqKD, or `objective.teacher_generations`)."""
+    return get_method(cfg.objective.method).generations or cfg.objective.teacher_generations
+
+
 def needs_pool(cfg: Any) -> bool:
     """On-policy batches are scored by a TeacherPool from inside the training loop."""
-    return cfg.objective.on_policy_fraction > 0 or cfg.objective.method in ON_POLICY_METHODS
+    return cfg.objective.on_policy_fraction > 0 or get_method(cfg.objective.method).data == "adaptive"
 
 
 def build_datasets(
@@ -158,7 +163,7 @@ def build_datasets(
         "num_gpus": t.num_gpus,
         "resources": t.resources,
     }
-    if cfg.objective.method in GENERATION_METHODS or cfg.objective.teacher_generations:
+    if needs_generations(cfg):
         train = pipeline.with_teacher_generations(
             train, teacher_kwargs(cfg, _require(teacher_path)), batch_size=rows, **placement,
             max_new_tokens=cfg.objective.max_new_tokens, temperature=cfg.objective.generation_temperature,
@@ -229,7 +234,7 @@ def distill(
         from kdray.teacher import TeacherPool
 
         pool = TeacherPool.from_config(
-            cfg.teacher, name=f"{name}-teacher", teacher_overrides=_pool_overrides(cfg, teacher_path)
+            cfg.teacher, name=f"{name}-teacher", teacher_overrides=pool_overrides(cfg, teacher_path)
         )
         pool.wait_ready()
         spec.teacher_handles = pool.handles
@@ -297,8 +302,16 @@ def rows_consumed(cfg: Any, records: Sequence[Mapping[str, Any]]) -> Sequence[Ma
     return records[:needed] if len(records) > needed else records
 
 
-def _pool_overrides(cfg: Any, teacher_path: str | None) -> dict[str, Any]:
-    return {"name_or_path": _require(teacher_path), "chat_template": cfg.data.chat_template}
+def pool_overrides(cfg: Any, teacher_path: str | None) -> dict[str, Any]:
+    """Teacher arguments of an on-policy TeacherPool set outside the `teacher` section: the resolved model
+    path, the data's chat template and the temperature the loss reads the teacher at."""
+    from kdray.validate import teacher_temperature
+
+    return {
+        "name_or_path": _require(teacher_path),
+        "chat_template": cfg.data.chat_template,
+        "temperature": teacher_temperature(cfg),
+    }
 
 
 def worker_resources(cfg: Any) -> dict[str, float]:
