@@ -73,7 +73,15 @@ def test_a_dimension_that_changes_the_teacher_pass_is_refused(tmp_path, teacher)
     from kdray.tune.space import check_shared_teacher_pass
 
     base = sweep_config(tmp_path, teacher)
-    check_shared_teacher_pass(config_from_dict(base))  # student-side dimensions only: fine
+    assert check_shared_teacher_pass(config_from_dict(base)) == []  # student-side dimensions only: fine
+    # the loss temperature moves the teacher's serving temperature: listed values, one pass each
+    temp = "objective.terms.0.params.temperature"
+    base["tune"]["search_space"][temp] = {"type": "choice", "values": [1.0, 2.0]}
+    assert check_shared_teacher_pass(config_from_dict(base)) == [temp]
+    base["tune"]["search_space"][temp] = {"type": "uniform", "low": 1.0, "high": 2.0}
+    with pytest.raises(ConfigError, match=r"list the values"):
+        check_shared_teacher_pass(config_from_dict(base))
+    del base["tune"]["search_space"][temp]
     base["tune"]["search_space"]["teacher.top_k"] = {"type": "choice", "values": [8, 16]}
     with pytest.raises(
         ConfigError, match=r"tune.search_space\['teacher.top_k'\] = 16 changes the teacher step"
@@ -199,6 +207,11 @@ def sweep(tmp_path_factory, teacher, mlflow_server):
     )  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False
     raw = sweep_config(root / "run", teacher)
+    # a top-k signal cannot be re-tempered: each temperature value costs its own teacher pass
+    raw["tune"]["search_space"]["objective.terms.0.params.temperature"] = {
+        "type": "choice",
+        "values": [1.0, 2.0],
+    }
     raw["tracking"] = {
         "enabled": True,
         "tracking_uri": mlflow_server.uri,
@@ -234,12 +247,15 @@ def test_sweep_runs_eight_trials_asha_stops_some_and_a_failing_trial_is_reported
 
 
 @pytest.mark.slow
-def test_the_teacher_scores_the_data_once_for_the_whole_sweep(sweep):
+def test_the_teacher_scores_the_data_once_per_temperature_for_the_whole_sweep(sweep):
     _, result, ledger, _ = sweep
     passes = read_ledger(ledger)
     assert passes, "no teacher forward pass was recorded"
     assert {p["op"] for p in passes} == {"logprobs"}
-    assert sum(p["rows"] for p in passes) == TRAIN_ROWS  # one pass over the training split, not eight
+    # one pass over the training split per swept temperature (1.0 and 2.0), not one per trial
+    assert sum(p["rows"] for p in passes) == 2 * TRAIN_ROWS
+    temps = {t["config"]["objective.terms.0.params.temperature"] for t in result.trials if t.get("config")}
+    assert temps <= {1.0, 2.0}
     _, _, outputs = result.teacher_steps
     assert outputs.outputs["rows"] == TRAIN_ROWS
     trial_pids = {

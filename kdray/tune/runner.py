@@ -91,12 +91,18 @@ def run_sweep(
     from ray import tune
 
     from kdray.train.trainer import worker_resources
-    from kdray.tune.space import check_shared_teacher_pass, check_trials_fit, param_space
+    from kdray.tune.space import (
+        check_shared_teacher_pass,
+        check_trials_fit,
+        param_space,
+        teacher_pass_variants,
+    )
     from kdray.tune.trial import run_trial
+    from kdray.validate import teacher_temperature
     from kdray.workflow import run_teacher_steps
 
     check_trials_fit(cfg)
-    check_shared_teacher_pass(cfg)
+    per_pass = check_shared_teacher_pass(cfg)
     directory = sweep_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     state_path = directory / SWEEP_STATE
@@ -111,6 +117,13 @@ def run_sweep(
     try:
         steps = run_teacher_steps(cfg, tracking)
         data, teacher, outputs = steps
+        passes = {}
+        for overrides in teacher_pass_variants(cfg, per_pass) if per_pass else []:
+            variant = with_overrides(cfg, overrides)  # a served temperature of its own: its own pass
+            out = run_teacher_steps(variant, tracking)[2].outputs
+            passes[f"{teacher_temperature(variant):g}"] = {
+                "signal_cache": out.get("signal_cache"), "cache_dir": out.get("cache_dir"),
+            }  # fmt: skip
         inputs = {
             "train": data.outputs["train"],
             "eval": data.outputs["eval"],
@@ -119,6 +132,7 @@ def run_sweep(
             "signal_cache": outputs.outputs.get("signal_cache"),
             "cache_dir": outputs.outputs.get("cache_dir"),
             "sweep_dir": str(directory),
+            "teacher_passes": passes,
         }
         pool = _shared_pool(cfg, teacher.outputs["path"])
         fn = tune.with_parameters(
@@ -258,7 +272,7 @@ def _parent_run(cfg: Config, run_name: str | None, run_id: str | None) -> tuple[
 
 def _shared_pool(cfg: Config, teacher_path: str) -> Any:
     """One TeacherPool for every trial, when some trial samples on-policy batches."""
-    from kdray.train.trainer import _pool_overrides, needs_pool
+    from kdray.train.trainer import needs_pool, pool_overrides
     from kdray.tune.space import candidates
 
     configs = [cfg] + [
@@ -273,7 +287,7 @@ def _shared_pool(cfg: Config, teacher_path: str) -> Any:
     pool = TeacherPool.from_config(
         cfg.teacher,
         name=f"sweep-{cfg.tune.name}-teacher",
-        teacher_overrides=_pool_overrides(cfg, teacher_path),
+        teacher_overrides=pool_overrides(cfg, teacher_path),
     )
     pool.wait_ready()
     return pool

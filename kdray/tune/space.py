@@ -53,18 +53,29 @@ def trial_config(base: Config, overrides: Mapping[str, Any]) -> Config:
     return with_overrides(cfg, {"train.checkpoint_every": cfg.train.eval_every})
 
 
-def check_shared_teacher_pass(base: Config) -> None:
-    """Refuse a search space that would change the teacher's outputs: every trial reads the one teacher
-    pass the sweep makes, so a dimension may not touch the data, the teacher or what it produces."""
-    from kdray.workflow import _teacher_outputs_wanted, prefix_keys
+def _only_temperature_differs(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a["temperature"] != b["temperature"] and {**a, "temperature": None} == {**b, "temperature": None}
+
+
+def check_shared_teacher_pass(base: Config) -> list[str]:
+    """Refuse a search space that would change the teacher's outputs: every trial reads a teacher pass
+    the sweep makes up front, so a dimension may not touch the data, the teacher or what it produces.
+
+    One exception: a dimension that changes only the temperature the teacher is served at (a loss
+    temperature, with a top-k signal that cannot be re-tempered) is allowed over listed values, and
+    costs one teacher pass per value. Returns the paths of such dimensions.
+    """
+    from kdray.workflow import prefix_keys, teacher_outputs_wanted
 
     want = prefix_keys(base)
+    base_needs = teacher_outputs_wanted(base)
+    per_pass: list[str] = []
     for path, dim in base.tune.search_space.items():
         for value in candidates(dim):
             try:
                 cfg = with_overrides(base, {path: value})
                 keys = prefix_keys(cfg)  # builds the objective: a bad loss parameter is caught here
-                needs = _teacher_outputs_wanted(cfg)
+                needs = teacher_outputs_wanted(cfg)
             except (ConfigError, ValueError) as err:
                 raise ConfigError(
                     f"tune.search_space[{path!r}]: the value {value!r} is invalid: {err}"
@@ -72,13 +83,31 @@ def check_shared_teacher_pass(base: Config) -> None:
             # a trial that reads no teacher output (every batch sampled on-policy) only needs the data
             steps = want if needs["signal"] or needs["generations"] else ("data", "teacher")
             changed = [step for step in steps if keys[step] != want[step]]
-            if changed:
+            if changed == ["teacher_outputs"] and _only_temperature_differs(needs, base_needs):
+                if dim.values is None:
+                    raise ConfigError(
+                        f"tune.search_space[{path!r}] changes the temperature the teacher is served at "
+                        "(a top-k signal cannot be re-tempered), so each value costs one teacher pass: "
+                        f"list the values (type: choice or grid), not a {dim.type!r} range"
+                    )
+                if path not in per_pass:
+                    per_pass.append(path)
+            elif changed:
                 raise ConfigError(
                     f"tune.search_space[{path!r}] = {value!r} changes the {changed[0]} step's output "
                     f"(the config sections it reads: see kdray.workflow.STEP_SECTIONS), but every trial "
                     "of a sweep reads one shared teacher pass. Sweep the student side only (objective "
                     "weights and parameters, train.*, model.*), or run one sweep per value of this field."
                 )
+    return per_pass
+
+
+def teacher_pass_variants(base: Config, paths: list[str]) -> list[dict[str, Any]]:
+    """Every combination of the listed values of `paths`: one teacher pass each."""
+    import itertools
+
+    values = [list(base.tune.search_space[p].values or ()) for p in paths]
+    return [dict(zip(paths, combo, strict=True)) for combo in itertools.product(*values)]
 
 
 def check_trials_fit(base: Config) -> None:

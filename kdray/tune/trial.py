@@ -109,6 +109,11 @@ def trial_datasets(cfg: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
     }
     tokenizer = inputs["tokenizer_path"]  # loaded as the pipeline's Tokenize loads it
     eval_ds = tokenized_records(_records(inputs["eval"]), tokenizer, **tok)
+    passes = inputs.get("teacher_passes") or {}
+    if passes:  # one teacher pass per swept teacher temperature: read the one this trial's loss wants
+        from kdray.validate import teacher_temperature
+
+        inputs = {**inputs, **passes[f"{teacher_temperature(cfg):g}"]}
     if inputs.get("signal_cache"):
         train_ds = SignalCache(inputs["cache_dir"]).local(inputs["signal_cache"])
     else:
