@@ -662,11 +662,6 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def _field_default(cls: type, name: str) -> Any:
-    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
 def _optional_inner(hint: Any) -> Any:
     """X for `X | None`, the hint itself otherwise."""
     if get_origin(hint) in (Union, types.UnionType):
@@ -697,14 +692,13 @@ def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
             if part not in _hints(hint):
                 raise ConfigError(_unknown(where, part, list(_hints(hint))))
             if not last and node.get(part) is None:
-                # a missing section starts empty (its defaults resolve when built, e.g. a method's terms)
+                # a missing section starts empty (its defaults resolve when it is built); a field left
+                # unset takes what its section resolves it to (e.g. `objective.terms`: the method's terms)
                 inner = _optional_inner(_hints(hint)[part])
                 if dataclasses.is_dataclass(inner):
                     node[part] = {}
-                elif hint is ObjectiveConfig and part == "terms":  # None = the method's terms: set into them
-                    node[part] = _to_plain(ObjectiveConfig(method=node.get("method", "xkd")).terms)
                 else:
-                    node[part] = _to_plain(_field_default(hint, part))
+                    node[part] = _to_plain(getattr(_build(hint, node, where), part))
             key: Any = part
             hint = _hints(hint)[part]
         elif get_origin(hint) is tuple:

@@ -56,6 +56,12 @@ def validate_config(cfg: Config) -> None:
             f"teacher.temperature (it then follows the loss), set it to {loss_t:g}, or serve the full "
             "vocabulary (teacher.top_k: null)."
         )
+    if any(t.name == "minillm" for t in objective.terms) and cfg.objective.sampling_temperature != 1.0:
+        raise ConfigError(
+            f"objective.sampling_temperature = {cfg.objective.sampling_temperature:g}: the minillm term's PPO "
+            "ratio and rewards use the student's log-probs at temperature 1, as the reference samples; set "
+            "objective.sampling_temperature: 1.0"
+        )
     if any(t.name == "taid" for t in objective.terms) and cfg.teacher.top_k is not None:
         raise ConfigError(
             f"teacher.top_k = {cfg.teacher.top_k}: the taid term interpolates full teacher logits, which a "

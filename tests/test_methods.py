@@ -89,9 +89,14 @@ def test_config_resolved_prints_the_method_and_its_terms(tmp_path):
     assert "teacher serves at temperature 1" in out.stdout
 
 
-def test_minillm_trains_on_student_samples_only():
-    with pytest.raises(Exception, match="on_policy_fraction"):
+def test_minillm_trains_on_student_samples_at_temperature_one_only():
+    from kdray.config import ConfigError
+    from kdray.validate import validate_config
+
+    with pytest.raises(ConfigError, match="on_policy_fraction"):
         load_config(None, ["objective.method=minillm", "objective.on_policy_fraction=0.5"])
+    with pytest.raises(ConfigError, match=r"set objective\.sampling_temperature: 1\.0"):
+        validate_config(load_config(None, ["objective.method=minillm", "objective.sampling_temperature=0.7"]))
 
 
 def test_the_docs_are_generated_from_the_declarations():

@@ -170,13 +170,18 @@ def minillm_term(
     )
 
 
-def _divergence_params(fn: Callable[..., Tensor]) -> frozenset[str]:
-    return frozenset(list(inspect.signature(fn).parameters)[2:])
+#: arguments a term supplies itself (the signal, token count, chunking, sampling log-probs): no knobs
+_SUPPLIED = frozenset({"teacher_signal", "num_tokens", "chunk_size", "mix_logprobs"})
 
 
-def _keyword_only(fn: Callable[..., Any]) -> frozenset[str]:
-    kinds = inspect.signature(fn).parameters.values()
-    return frozenset(p.name for p in kinds if p.kind is inspect.Parameter.KEYWORD_ONLY)
+def _knobs(*fns: Callable[..., Any]) -> dict[str, Any]:
+    """{name: default} of the parameters with defaults of `fns` (the first one wins): a config's knobs."""
+    found: dict[str, Any] = {}
+    for fn in fns:
+        for p in inspect.signature(fn).parameters.values():
+            if p.default is not inspect.Parameter.empty and p.name not in _SUPPLIED:
+                found.setdefault(p.name, p.default)
+    return found
 
 
 def _always(params: Mapping[str, Any]) -> bool:
@@ -189,7 +194,7 @@ def _never(params: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class TermSpec:
-    """A loss term: its function, the parameters a config may set, and what it reads.
+    """A loss term: its function, the parameters a config may set (with their defaults), and what it reads.
 
     `reads_signal(params)` says whether the term reads a teacher signal (what decides the teacher pass),
     `fixed_temperature` is the temperature it reads that signal at when no parameter sets it (MiniLLM's
@@ -197,58 +202,41 @@ class TermSpec:
     """
 
     fn: TermFn
-    params: frozenset[str]
+    defaults: Mapping[str, Any]
     reads_signal: Callable[[Mapping[str, Any]], bool] = _always
     fixed_temperature: float | None = None
     reward_head: bool = False
 
+    @property
+    def params(self) -> frozenset[str]:
+        """The parameters a config may set."""
+        return frozenset(self.defaults)
 
-_ALL_DIVERGENCE_PARAMS = frozenset().union(*(_divergence_params(f) for f in DIVERGENCES.values()))
+
 #: the X-KD term's parameters that shape the model (read by the loop when it builds the student)
-XKD_MODEL_PARAMS = frozenset({"detach_head_input"})
+XKD_MODEL_PARAMS = {"detach_head_input": False}
 
 #: name -> term. Divergence terms are the §1 divergences with the shared signal handling.
 TERMS: dict[str, TermSpec] = {
-    "ce": TermSpec(ce_term, frozenset(), reads_signal=_never),
+    "ce": TermSpec(ce_term, {}, reads_signal=_never),
     **{
-        name: TermSpec(partial(divergence_term, name), _divergence_params(f) | {"temperature", "sparse_mode"})
+        name: TermSpec(partial(divergence_term, name), _knobs(divergence_term, f))
         for name, f in DIVERGENCES.items()
     },
-    # the term supplies the signal, token count and chunking itself; the rest are config knobs
     "xkd": TermSpec(
         xkd_term,
-        (_keyword_only(xkd_loss) - {"teacher_signal", "num_tokens", "chunk_size"})
-        | _ALL_DIVERGENCE_PARAMS
-        | XKD_MODEL_PARAMS,
+        {**_knobs(xkd_loss, *DIVERGENCES.values()), **XKD_MODEL_PARAMS},
         reads_signal=lambda params: params.get("variant", "divergence") != "sequence",
         reward_head=True,
     ),
-    "taid": TermSpec(taid_term, frozenset({"t", "temperature"})),
-    "minillm": TermSpec(
-        minillm_term,
-        _keyword_only(minillm_loss) - {"mix_logprobs", "num_tokens", "chunk_size"},
-        fixed_temperature=1.0,
-    ),
+    "taid": TermSpec(taid_term, _knobs(taid_term)),
+    "minillm": TermSpec(minillm_term, _knobs(minillm_loss), fixed_temperature=1.0),
 }
 
 
 def term_defaults(name: str) -> dict[str, Any]:
-    """The default of every parameter term `name` takes (from its function's signature)."""
-    spec = TERMS[name]
-    fn = spec.fn.func if isinstance(spec.fn, partial) else spec.fn
-    candidates = [fn]
-    if name in DIVERGENCES:
-        candidates.append(DIVERGENCES[name])
-    if name == "xkd":
-        candidates.append(xkd_loss)
-    if name == "minillm":
-        candidates.append(minillm_loss)
-    found: dict[str, Any] = {}
-    for f in candidates:
-        for p in inspect.signature(f).parameters.values():
-            if p.name in spec.params and p.default is not inspect.Parameter.empty:
-                found.setdefault(p.name, p.default)
-    return {k: found[k] for k in sorted(found)}
+    """The default of every parameter term `name` takes (from its functions' signatures), sorted."""
+    return dict(sorted(TERMS[name].defaults.items()))
 
 
 #: name -> term function (the registry's functions, for callers that compute one term directly)
