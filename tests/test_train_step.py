@@ -169,3 +169,31 @@ def test_bf16_autocast_step_on_gpu_matches_float32():
         opt = torch.optim.SGD(student.parameters(), lr=0.1)
         results.append(train_step(student, opt, objective, [batch], StepConfig(autocast_bf16=bf16))["loss"])
     assert results[1] == pytest.approx(results[0], rel=2e-2)  # bf16 forward, float32 losses
+
+
+def test_lm_term_adds_coef_times_cross_entropy_on_the_data_batches():
+    """MiniLLM's LM term: the step's gradient is the objective's plus lm_coef × that of the data's CE."""
+    torch.manual_seed(0)
+    lm = tiny_causal_lm(vocab_size=V, hidden_size=16, num_layers=1)
+    teacher = tiny_causal_lm(vocab_size=V, hidden_size=16, num_layers=1, seed=1)
+    samples, data = with_signal(make_batch(1), teacher), make_batch(2)
+
+    def grads(**lm_args):
+        student = Student(copy.deepcopy(lm))
+        opt = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: read the gradients, keep the weights
+        objective = build_objective([Term("reverse_kl")])
+        logs = train_step(student, opt, objective, [samples], StepConfig(grad_clip=None), **lm_args)
+        return [p.grad.clone() for p in student.parameters()], logs
+
+    base, _ = grads()
+    ce, _ = grads(lm_batches=[data], lm_coef=0.0)  # coef 0: nothing added
+    both, logs = grads(lm_batches=[data], lm_coef=0.5)
+    student = Student(copy.deepcopy(lm))
+    logits, loss_batch = student_forward(student, data)
+    from kdray.losses import masked_mean, token_cross_entropy
+
+    masked_mean(token_cross_entropy(logits, loss_batch["target_ids"]), loss_batch["mask"]).backward()
+    for b, c, w, p in zip(base, ce, both, student.parameters(), strict=True):
+        torch.testing.assert_close(c, b)
+        torch.testing.assert_close(w, b + 0.5 * p.grad, rtol=1e-4, atol=1e-6)
+    assert logs["lm"] > 0

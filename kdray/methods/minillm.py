@@ -24,14 +24,14 @@ METHOD = Method(
     data="on_policy",
     on_policy_fraction=1.0,
     tokenizer="same_vocab",
-    params={"ppo_epochs": 4, "mix_alpha": 0.2},
+    params={"ppo_epochs": 4, "mix_alpha": 0.2, "lm_coef": 0.0},
     rollout_epochs_param="ppo_epochs",
     reference="Gu et al. 2024 (MiniLLM); microsoft/LMOps minillm @4f2a9de, paper scripts",
     deviations=(
         "A rollout is one global batch (train.batch_size x grad_accum per worker) reused for "
         "ppo_epochs optimizer steps; the reference collects 256 rollouts and shuffles micro-batches.",
-        "No pre-training LM term (the reference adds OpenWebText at lm_coef 1): a distillation task "
-        "has no pre-training corpus; add a `ce` term on the data with on_policy_fraction < 1 instead.",
+        "lm_coef 0 (the reference adds an LM term on OpenWebText at lm_coef 1): a distillation task has "
+        "no pre-training corpus; lm_coef > 0 adds cross-entropy on the task's references the samples replaced.",
         "Whitening statistics over counted tokens (the reference includes padding): flag whiten_padding.",
         "Teacher-mixed sampling runs a copy of the teacher in the training worker: mixing needs the "
         "teacher's next-token distribution at every decoding step.",

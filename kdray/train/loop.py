@@ -312,8 +312,10 @@ class TrainingLoop:
         )
         self.eval_shard = session.dataset("eval")
         self.source = OnPolicySource(spec, self.state, _unwrap(self.student), tok, self.rank)
-        self.rollout: list[dict[str, Any]] | None = None  # an on-policy batch reused for PPO epochs
+        self.rollout: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None  # reused for PPO epochs
         self.rollout_left = 0
+        # a method may add cross-entropy on the data its student samples replaced (MiniLLM's LM term)
+        self.lm_coef = float(spec.method_params.get("lm_coef", 0.0))
         self.first_step_at: float | None = None
 
     def run(self) -> None:
@@ -329,19 +331,20 @@ class TrainingLoop:
             if self.tracker is not None and owned is None:
                 self.tracker.close(status=None, timeout_s=30)  # the step that owns the run ends it
 
-    def _next_micro(self) -> list[dict[str, Any]]:
-        """The step's micro-batches: the rollout again while PPO epochs remain, else fresh data (or the
-        student samples that replace it)."""
+    def _next_micro(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The step's micro-batches and the data batches for an LM term: the rollout again while PPO
+        epochs remain, else fresh data (or the student samples that replace it)."""
         if self.rollout is not None and self.rollout_left > 0:
             self.rollout_left -= 1
             return self.rollout
-        micro = [next(self.stream) for _ in range(self.spec.grad_accum)]
+        data = [next(self.stream) for _ in range(self.spec.grad_accum)]
         self.state.consumed += 1
-        micro = self.source.maybe_replace(self.state.step + 1, micro)
+        micro = self.source.maybe_replace(self.state.step + 1, data)
+        lm = data if self.source.last_on_policy and self.lm_coef > 0 else []
         epochs = self.source.rollout_epochs
         if self.source.last_on_policy and epochs > 1:
-            self.rollout, self.rollout_left = micro, epochs - 1
-        return micro
+            self.rollout, self.rollout_left = (micro, lm), epochs - 1
+        return micro, lm
 
     def _initial_eval(self) -> None:
         """A held-out loss before the first step, for methods that compare against it (DistiLLM)."""
@@ -355,13 +358,14 @@ class TrainingLoop:
         spec, state = self.spec, self.state
         self._initial_eval()
         while state.step < spec.max_steps:
-            micro = self._next_micro()
+            micro, lm = self._next_micro()
             self.first_step_at = self.first_step_at or time.time()
             started = time.perf_counter()
             tensors = [to_tensors(m, self.device) for m in micro]
             logs = train_step(
                 self.student, self.optimizer, self.objective, tensors, self.step_cfg,
-                runtime=state.method.runtime(),
+                runtime=state.method.runtime(), lm_batches=[to_tensors(m, self.device) for m in lm],
+                lm_coef=self.lm_coef,
             )  # fmt: skip
             self.scheduler.step()
             state.step += 1

@@ -143,9 +143,13 @@ def train_step(
     *,
     runtime: Mapping[str, Mapping[str, Any]] | None = None,
     params: Sequence[Tensor] | None = None,
+    lm_batches: Sequence[Mapping[str, Tensor]] = (),
+    lm_coef: float = 0.0,
 ) -> dict[str, float]:
     """One optimisation step over `micro_batches` (gradient accumulation); returns logged values.
 
+    `lm_batches` with `lm_coef` > 0 add lm_coef × cross-entropy on those batches (their own global token
+    mean) to the same step: MiniLLM's LM term on the data while the objective trains on student samples.
     A step whose loss or gradient is not finite on any worker is skipped on every worker; after
     `cfg.max_bad_steps` consecutive skips a NonFiniteLossError names the terms that went bad.
     """
@@ -154,6 +158,8 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, float] = {}
     finite = True
+    if lm_coef > 0 and lm_batches:
+        finite = _lm_term(student, lm_batches, lm_coef, cfg, world, totals)
     for mb in micro_batches:
         with _autocast(cfg.autocast_bf16):
             logits, loss_batch = student_forward(student, mb, cfg.vocab_size)
@@ -187,6 +193,35 @@ def train_step(
             )
     totals.update(grad_norm=grad_norm, num_tokens=float(num_tokens), skipped=float(not finite))
     return totals
+
+
+def _lm_term(
+    student: Any,
+    batches: Sequence[Mapping[str, Tensor]],
+    coef: float,
+    cfg: StepConfig,
+    world: int,
+    totals: dict[str, float],
+) -> bool:
+    """Backward of coef × token cross-entropy on `batches`; logs it as `lm`; False if not finite."""
+    from kdray.losses.reduce import masked_mean
+    from kdray.losses.signal import token_cross_entropy
+
+    num_tokens = max(global_token_count(batches), 1)
+    finite = True
+    for mb in batches:
+        with _autocast(cfg.autocast_bf16):
+            logits, loss_batch = student_forward(student, mb, cfg.vocab_size)
+        ce = masked_mean(
+            token_cross_entropy(logits, loss_batch["target_ids"], chunk_size=cfg.chunk_size),
+            loss_batch["mask"],
+            num_tokens,
+        )
+        finite = finite and bool(torch.isfinite(ce))
+        if finite:
+            (coef * ce * world).backward()
+        totals["lm"] = totals.get("lm", 0.0) + float(ce.detach())
+    return finite
 
 
 def _autocast(enabled: bool) -> Any:
