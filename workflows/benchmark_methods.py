@@ -19,28 +19,45 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHODS: dict[str, dict[str, Any]] = {
-    "sft": {"method": "sft", "terms": [{"name": "ce"}]},
-    "supervised_kd": {
-        "method": "supervised_kd",
-        "terms": [{"name": "forward_kl"}, {"name": "ce", "weight": 0.1}],
-    },
-    "seqkd": {"method": "seqkd", "terms": [{"name": "ce"}]},
-    "gkd": {"method": "gkd", "terms": [{"name": "jsd", "params": {"beta": 0.5}}], "on_policy_fraction": 0.5},
-    "minillm": {"method": "minillm", "terms": [{"name": "minillm"}]},
-    "distillm": {"method": "distillm", "terms": [{"name": "skew_kl", "params": {"alpha": 0.1}}]},
-    "taid": {"method": "taid", "terms": [{"name": "taid"}]},
-    "xkd-divergence": {"method": "xkd", "terms": [{"name": "xkd", "params": {"variant": "divergence"}}]},
-    "xkd-divergence-logprobs": {
+
+def _rows() -> dict[str, dict[str, Any]]:
+    """Row name -> objective section: every declared method at its reference defaults (`kdray methods`),
+    plus the X-KD variants the benchmark compares."""
+    from kdray.methods import METHODS
+
+    rows: dict[str, dict[str, Any]] = {name: {"method": name} for name in METHODS if name != "xkd"}
+    rows["xkd-divergence"] = {"method": "xkd"}
+    rows["xkd-divergence-logprobs"] = {
         "method": "xkd",
         "terms": [{"name": "xkd", "params": {"variant": "divergence", "q_form": "logprobs"}}],
-    },
-    "xkd-sequence": {
+    }
+    rows["xkd-sequence"] = {
         "method": "xkd",
         "terms": [{"name": "xkd", "params": {"variant": "sequence"}}],
         "teacher_generations": True,
-    },
-}
+    }
+    return rows
+
+
+def _provenance(args: argparse.Namespace) -> dict[str, Any]:
+    """What a row was measured with: seed, commit, CPU model and thread count."""
+    import subprocess
+
+    import torch
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {"seed": args.seed, "commit": commit, "cpu": cpu, "threads": torch.get_num_threads()}
 
 
 def _records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -64,7 +81,7 @@ def _config(
 ) -> Any:
     from kdray.config import config_from_dict
 
-    top_k = None if method["method"] == "taid" else args.top_k
+    top_k = None if method["method"] == "taid" else args.top_k  # TAID interpolates full logits
     return config_from_dict(
         {
             "model": {"name_or_path": "tiny", "tiny_layers": layers, "tiny_hidden": hidden},
@@ -111,7 +128,7 @@ def main() -> None:
         "--data", default="../shared/data/multi30k", help="Multi30k directory (task multi30k)"
     )
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+        "--methods", default=",".join(_rows()), help="comma-separated subset of " + ",".join(_rows())
     )
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--eval-examples", type=int, default=200)
@@ -143,7 +160,13 @@ def main() -> None:
 
     if args.report_only:
         rows_path = Path(args.out).with_suffix(".jsonl")
-        _write(args, [json.loads(line) for line in rows_path.read_text().splitlines()])
+        shape = " ".join(_argv())
+        latest = {
+            r["model"]: r
+            for r in map(json.loads, rows_path.read_text().splitlines())
+            if r.get("args") == shape
+        }
+        _write(args, list(latest.values()))
         return
 
     import ray
@@ -163,15 +186,19 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
 
     rows_path = Path(args.out).with_suffix(".jsonl")  # one line per finished model: resumable
-    done = (
-        {r["model"]: r for r in map(json.loads, rows_path.read_text().splitlines())}
-        if rows_path.exists()
-        else {}
-    )
+    # a row counts as done only under the same arguments (and row config): another setting re-runs it
+    shape = " ".join(_argv())
+    done = {
+        r["model"]: r
+        for r in (map(json.loads, rows_path.read_text().splitlines()) if rows_path.exists() else [])
+        if r.get("args") == shape
+    }
+    provenance = {**_provenance(args), "args": shape}
 
     def record(row: dict[str, Any]) -> None:
         rows.append(row)
         if row["model"] not in done:  # rows of an earlier run are in the file already
+            row = {**row, **provenance}
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         print(row, flush=True)
@@ -186,7 +213,7 @@ def main() -> None:
         cfg = _config(
             args,
             teacher=None,
-            method=METHODS["sft"],
+            method=_rows()["sft"],
             hidden=t_hidden,
             layers=t_layers,
             steps=args.teacher_steps,
@@ -208,7 +235,7 @@ def main() -> None:
         record(done[name])
     else:
         init_cfg = _config(
-            args, teacher=teacher, method=METHODS["sft"], hidden=s_hidden, layers=s_layers, steps=1
+            args, teacher=teacher, method=_rows()["sft"], hidden=s_hidden, layers=s_layers, steps=1
         )
         init_run = distill(
             init_cfg,
@@ -237,7 +264,7 @@ def main() -> None:
         cfg = _config(
             args,
             teacher=teacher,
-            method=METHODS[method],
+            method=_rows()[method],
             hidden=s_hidden,
             layers=s_layers,
             steps=args.student_steps,
@@ -271,6 +298,9 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         f"| model | parameters | {metric} | eval loss | minutes |",
         "|---|---:|---:|---:|---:|",
     ]
+    commits = sorted({r.get("commit", "?") for r in rows})
+    cpus = sorted({f"{r.get('cpu', '?')}, {r.get('threads', '?')} threads" for r in rows})
+    lines[5:5] = [f"Commit(s): {', '.join(commits)}; CPU: {'; '.join(cpus)}."]
     for r in rows:
         loss = f"{r['final_eval_loss']:.3f}" if r.get("final_eval_loss") is not None else ""
         lines.append(f"| {r['model']} | {r['params']:,} | {r['score']:.1f} | {loss} | {r['minutes']:.1f} |")
