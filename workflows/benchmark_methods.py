@@ -196,11 +196,11 @@ def main() -> None:
     provenance = {**_provenance(args), "args": shape}
 
     def record(row: dict[str, Any]) -> None:
-        rows.append(row)
-        if row["model"] not in done:  # rows of an earlier run are in the file already
+        if row["model"] not in done:  # rows of an earlier run are in the file already, provenance included
             row = {**row, **provenance}
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        rows.append(row)
         print(row, flush=True)
 
     started = time.time()
