@@ -46,13 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)"
     )
     sweep.add_argument("--run-name", default=None, help="MLflow name of the sweep's parent run")
-    ev = sub.add_parser("eval", help="score saved models on the held-out split of a config")
+    ev = sub.add_parser("eval", help="score saved models on the held-out split of a config (or on --data)")
     ev.add_argument("models", nargs="+", help="model directories (HF checkpoints, e.g. an exported student)")
     ev.add_argument("--config", required=True, help="YAML config naming the task and its data")
     ev.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
     ev.add_argument("--limit", type=int, default=None, help="score only the first N held-out examples")
+    ev.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="score on this jsonl/json/parquet file in the task's own fields (arithmetic/gsm8k: question, "
+        "answer; translation: source, target; summarization: document, summary) instead of the held-out split",
+    )
+    ev.add_argument(
+        "--lca-samples",
+        type=int,
+        default=None,
+        metavar="K",
+        help="samples per prompt for the LCA uncertainty AUROCs on exact-match tasks; 0 = off "
+        "(default: the config's workflow.lca_samples)",
+    )
     sub.add_parser("doctor", help="check Ray, devices, vLLM, MLflow and versions; exit 1 if something fails")
     return parser
 

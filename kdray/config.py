@@ -472,11 +472,17 @@ class WorkflowConfig:
     """Greedy tokens generated per held-out prompt in the evaluate step; None = data.max_response_tokens."""
     samples: int = 8
     """Held-out generations and reward heat-map rows logged as artifacts."""
+    lca_samples: int = 8
+    """Samples per held-out prompt for the LCA uncertainty AUROC (exact-match tasks only); 0 = off."""
+    lca_temperature: float = 1.0
+    """Sampling temperature of those samples."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))
         _non_empty(self, "workdir")
         _non_empty(self, "steps")
+        _at_least(self, "lca_samples", 0)
+        _at_least(self, "lca_temperature", 0, strict=True)
         if len(set(self.steps)) != len(self.steps):
             _fail("workflow.steps", list(self.steps), "each step at most once")
 

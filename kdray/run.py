@@ -121,26 +121,63 @@ def mlflow_hint(tracking_uri: str, run_id: str | None) -> str:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    """Greedy held-out generations of each model, scored for the config's task."""
+    """Greedy generations of each model on the config's held-out split (or on `--data`), scored for the
+    config's task; on exact-match tasks also the LCA uncertainty AUROCs (`--lca-samples`, 0 = off)."""
     cfg = _load(args.config, list(args.overrides))
     if cfg is None:
         return 2
-    from kdray.data import read_config_split
     from kdray.eval.evaluate import TASK_METRIC, greedy_generations, task_scores
+    from kdray.eval.uncertainty import evaluate_models_lca, format_lca_table, lca_applies, not_applicable
     from kdray.workflow import format_table
 
-    records = read_config_split(cfg.data, "eval").records[: args.limit]
+    lca_samples = cfg.workflow.lca_samples if args.lca_samples is None else args.lca_samples
+    if lca_samples < 0:
+        print(f"error: --lca-samples {lca_samples} must be >= 0 (0 turns LCA off)", file=sys.stderr)
+        return 2
+    missing = [path for path in args.models if not Path(path).is_dir()]
+    if missing:
+        print(f"error: {missing[0]}: not a model directory (expected a saved HF checkpoint)", file=sys.stderr)
+        return 2
+    records = eval_records(cfg, args.data, args.limit)
+    if records is None:
+        return 2
+    new_tokens = cfg.workflow.eval_max_new_tokens or cfg.data.max_response_tokens
     scores = {}
     for path in args.models:
-        if not Path(path).is_dir():
-            print(f"error: {path}: not a model directory (expected a saved HF checkpoint)", file=sys.stderr)
-            return 2
         texts = greedy_generations(
             path,
             [r["prompt"] for r in records],
-            max_new_tokens=cfg.workflow.eval_max_new_tokens or cfg.data.max_response_tokens,
+            max_new_tokens=new_tokens,
             chat_template=cfg.data.chat_template,
         )
         scores[path] = task_scores(cfg.data.task, texts, records)
+    if args.data:
+        print(f"scored on {args.data} ({len(records)} records)")
     print(format_table(scores, TASK_METRIC[cfg.data.task], cfg.data.task, len(records)))
+    if lca_samples and not lca_applies(cfg.data.task):
+        print("\n" + not_applicable(cfg.data.task))
+    elif lca_samples:
+        lca = evaluate_models_lca(
+            {path: (path, path) for path in args.models}, records, task=cfg.data.task, samples=lca_samples,
+            temperature=cfg.workflow.lca_temperature, max_new_tokens=new_tokens,
+            chat_template=cfg.data.chat_template, seed=cfg.data.seed,
+        )  # fmt: skip
+        print("\n" + format_lca_table(lca, cfg.data.task, len(records), lca_samples))
     return 0
+
+
+def eval_records(cfg: Any, data: str | None, limit: int | None) -> list[dict[str, Any]] | None:
+    """The records `kdray eval` scores: the config's held-out split, or the file `data` read in the task's
+    own fields (every row must be good). None after printing the error (a missing file, or a malformed row
+    named by file, row and field), for exit code 2."""
+    from kdray.data import read_config_split, read_records
+
+    if data is None:
+        return read_config_split(cfg.data, "eval").records[:limit]
+    try:
+        return read_records(
+            cfg.data.task, data, split=cfg.data.eval_split, limit=limit, on_malformed="fail"
+        ).records
+    except (OSError, ValueError) as err:  # MalformedRow is a ValueError naming file, row and field
+        print(f"error: --data {data}: {err}", file=sys.stderr)
+        return None

@@ -38,7 +38,13 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "teacher_outputs": ("teacher", "data", "train.batch_size"),
     "distill": ("model", "objective", "train", "data", "teacher"),
     "baseline": ("model", "train", "data"),
-    "evaluate": ("data", "workflow.eval_max_new_tokens", "workflow.samples"),
+    "evaluate": (
+        "data",
+        "workflow.eval_max_new_tokens",
+        "workflow.samples",
+        "workflow.lca_samples",
+        "workflow.lca_temperature",
+    ),
     "register": ("tracking.registered_model", "tracking.experiment"),
 }
 DONE = "_DONE.json"
@@ -301,8 +307,10 @@ def evaluate_step(
     baseline: StepResult | None = None,
 ) -> dict[str, Any]:
     """Greedy held-out generations of the teacher, the SFT baseline and the student, scored for the
-    task; sample generations and (X-KD) the reward heat-map go to MLflow."""
+    task; sample generations and (X-KD) the reward heat-map go to MLflow. On exact-match tasks the two
+    students also get the LCA uncertainty AUROCs (a second table; `workflow.lca_samples: 0` skips it)."""
     from kdray.eval.evaluate import TASK_METRIC, greedy_generations, reward_rows, task_scores
+    from kdray.eval.uncertainty import evaluate_models_lca, format_lca_table, lca_applies, not_applicable
 
     cfg = ctx.cfg
     records = _records(data.outputs["eval"])
@@ -328,6 +336,21 @@ def evaluate_step(
                 {"model": label, "prompt": r["prompt"], "reference": r["response"], "output": text}
             )
     table = format_table(scores, metric, cfg.data.task, len(records))
+    students = {short: models[short] for short in ("baseline", "student") if short in models}
+    lca = evaluate_models_lca(
+        students, records, task=cfg.data.task, samples=cfg.workflow.lca_samples,
+        temperature=cfg.workflow.lca_temperature, max_new_tokens=new_tokens,
+        chat_template=cfg.data.chat_template, seed=cfg.data.seed, directory=ctx.directory,
+    )  # fmt: skip
+    if lca:
+        lca_scores = {students[short][0]: values for short, values in lca.items()}
+        table += "\n\n" + format_lca_table(lca_scores, cfg.data.task, len(records), cfg.workflow.lca_samples)
+    elif cfg.workflow.lca_samples and not lca_applies(cfg.data.task):
+        table += "\n\n" + not_applicable(cfg.data.task)
+    for short, values in lca.items():
+        if ctx.tracker is not None:
+            ctx.tracker.log_metrics({f"{short}/{k}": v for k, v in values.items() if k != "prompts"}, step=0)
+            ctx.tracker.log_artifact(str(ctx.directory / f"lca_{short}.jsonl"))
     (ctx.directory / "table.md").write_text(table + "\n")
     _write_records(ctx.directory / "samples.jsonl", samples)
     rows = reward_rows(
@@ -342,7 +365,7 @@ def evaluate_step(
             from kdray.plots import reward_heatmap
 
             ctx.tracker.log_figure(reward_heatmap(rows), "reward_heatmap.png")
-    return {"metric": metric, "scores": scores, "table": table, "reward_rows": len(rows)}
+    return {"metric": metric, "scores": scores, "table": table, "reward_rows": len(rows), "lca": lca}
 
 
 def register_step(ctx: StepContext, student: StepResult, evaluation: StepResult | None) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def tiny_config(workdir: Path, **sections) -> dict:
         },
         "train": {"batch_size": 8, "max_steps": 8, "checkpoint_every": 4, "eval_every": 4, "lr": 1e-3},
         "tracking": {"enabled": False, "log_every": 1},
-        "workflow": {"workdir": str(workdir), "eval_max_new_tokens": 8, "samples": 2},
+        "workflow": {"workdir": str(workdir), "eval_max_new_tokens": 8, "samples": 2, "lca_samples": 2},
     }  # fmt: skip
     for name, values in sections.items():
         cfg[name] = {**cfg[name], **values}

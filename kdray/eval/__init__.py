@@ -13,6 +13,7 @@ from kdray.eval.metrics import (
     top1_agreement,
     topk_mass_coverage,
 )
+from kdray.eval.uncertainty import lca_applies, lca_evaluation, lca_rows, lca_summary
 
 __all__ = [
     "answer_entropy",
@@ -21,6 +22,10 @@ __all__ = [
     "distinct_n",
     "exact_match",
     "extract_answer",
+    "lca_applies",
+    "lca_evaluation",
+    "lca_rows",
+    "lca_summary",
     "lca_uncertainty",
     "rouge",
     "self_bleu",

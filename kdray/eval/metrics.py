@@ -116,7 +116,13 @@ def lca_uncertainty(
     log-likelihoods ℓ), summed per answer cluster. P_anchored: the same over {samples ∪ greedy}, so the
     greedy output's weight is added to its own cluster. When the samples already agree with the greedy
     answer the two are close (low uncertainty); mass away from the greedy cluster raises U_LCA.
-    Kept behind this one function: the paper's exact formula could not be read.
+    Clusters are the answers as given (None, "no answer", is a cluster of its own); `eps` keeps the KL
+    finite when a cluster is empty under one side; `temperature` is the Gibbs τ, not a sampling one.
+
+    This formula is kdray's own design. The LCA paper (Lin et al., arXiv 2412.07255) describes a KL
+    between the sampling distribution and the greedy "label source", anchored by Gibbs probabilities, but
+    its exact formula and code could not be read; every evaluation calls this one function, so a
+    faithful formula, once known, replaces it here alone (docs/evaluation.md).
     """
     if len(sample_answers) != len(sample_logliks) or not sample_answers:
         raise ValueError("lca_uncertainty needs one log-likelihood per sample and at least one sample")
