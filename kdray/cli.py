@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kdray` console script; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from kdray.determinism import pin_cpu_kernels
+
+    pin_cpu_kernels()  # before anything imports torch: the same numbers on any x86 machine
     if args.command == "demo":
         from kdray.demo import run_demo
 

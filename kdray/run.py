@@ -27,13 +27,17 @@ def init_ray(address: str | None = None) -> None:
     plain `python workflows/xkd.py` never attaches to some other Ray cluster on the same machine."""
     import ray
 
+    from kdray.determinism import pin_cpu_kernels
+
     if ray.is_initialized():
         return
+    # every worker and actor starts with the driver's CPU kernel pins (a cluster's nodes too)
+    runtime_env = {"env_vars": pin_cpu_kernels()}
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     if target != "local":
-        ray.init(address=target, log_to_driver=True)
+        ray.init(address=target, log_to_driver=True, runtime_env=runtime_env)
         return
-    ray.init(address="local", num_cpus=local_cpus(), log_to_driver=True)
+    ray.init(address="local", num_cpus=local_cpus(), log_to_driver=True, runtime_env=runtime_env)
 
 
 def local_cpus() -> int:

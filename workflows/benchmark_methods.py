@@ -57,7 +57,15 @@ def _provenance(args: argparse.Namespace) -> dict[str, Any]:
             if ln.startswith("model name")
         ]
         cpu = names[0] if names else cpu
-    return {"seed": args.seed, "commit": commit, "cpu": cpu, "threads": torch.get_num_threads()}
+    from kdray.determinism import active_cpu_capability
+
+    return {
+        "seed": args.seed,
+        "commit": commit,
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "cpu_kernels": active_cpu_capability(),
+    }
 
 
 def _records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -169,12 +177,19 @@ def main() -> None:
         _write(args, list(latest.values()))
         return
 
+    from kdray.determinism import pin_cpu_kernels
+
+    pins = pin_cpu_kernels()  # before torch loads: the same rows on any x86 machine
     import ray
 
     # on-policy methods hold a TeacherPool and the Ray Data teacher scorers beside the training worker:
     # three 1-CPU actors, which a 2-core machine can only run oversubscribed
     ray.init(
-        address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False
+        address="local",
+        num_cpus=max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": pins},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     from kdray.train.trainer import distill

@@ -1,0 +1,67 @@
+"""CPU numerics that do not depend on the machine: the same config and seeds train the same model on any
+x86 CPU with AVX2.
+
+Why: PyTorch dispatches its elementwise and reduction kernels (softmax, norms, activations and their
+gradients) to the widest vector unit it finds (AVX-512 here, AVX2 on many laptops and cloud VMs), and
+MKL picks its GEMM code path by CPU. The paths round differently: on one machine a tiny model's loss
+agrees to every printed digit while its gradients differ in the last bits. Training amplifies those
+bits, most of all while a model is in a steep phase of its learning curve, so two machines running the
+same seeded command could print tables 20 points apart. Pinning both to their AVX2 code paths makes
+an AVX-512 machine compute exactly what an AVX2-only machine computes (measured: identical gradients,
+no measurable speed cost for the tiny models of the quickstart; see docs/reproducibility.md).
+
+The pins are environment variables read once, when torch and MKL initialise, so they must be set
+before torch is imported: the CLI and the workflow entry points call `pin_cpu_kernels()` first thing,
+and `cpu_kernel_env()` goes into Ray's runtime environment so every worker and actor starts with them.
+`KDRAY_CPU_KERNELS=native` keeps each CPU's widest kernels (faster on large CPU models, not
+reproducible across machines). GPU kernels are not affected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+
+logger = logging.getLogger(__name__)
+
+#: the environment that pins ATen's CPU dispatch and MKL's code path to AVX2
+PINNED_KERNELS: dict[str, str] = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+#: set to "native" to opt out of the pins
+OPT_OUT_VARIABLE = "KDRAY_CPU_KERNELS"
+
+
+def cpu_kernel_env() -> dict[str, str]:
+    """The variables kdray pins (an explicit setting of one of them wins); empty when opted out or off x86."""
+    mode = os.environ.get(OPT_OUT_VARIABLE, "avx2").strip().lower()
+    if mode == "native" or platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return {}
+    if mode != "avx2":
+        raise ValueError(f"{OPT_OUT_VARIABLE}={mode!r}: use 'avx2' (the default, reproducible) or 'native'")
+    return {key: os.environ.get(key, value) for key, value in PINNED_KERNELS.items()}
+
+
+def pin_cpu_kernels() -> dict[str, str]:
+    """Set the pins in this process's environment (where not already set) and return them.
+
+    Call before torch is imported. If torch is already loaded, the pins still reach the Ray workers this
+    process starts, but this process keeps the kernels it initialised with: say so once.
+    """
+    env = cpu_kernel_env()
+    missing = {k: v for k, v in env.items() if k not in os.environ}
+    os.environ.update(missing)
+    if missing and "torch" in sys.modules:
+        logger.info(
+            "torch was imported before kdray pinned its CPU kernels (%s); this process keeps its own, "
+            "Ray workers get the pins",
+            ", ".join(f"{k}={v}" for k, v in missing.items()),
+        )
+    return env
+
+
+def active_cpu_capability() -> str:
+    """The vector level torch's CPU kernels run at in this process (e.g. AVX2, AVX512), for run records."""
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
