@@ -65,3 +65,35 @@ def active_cpu_capability() -> str:
     import torch
 
     return str(torch.backends.cpu.get_cpu_capability())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what `platform` knows."""
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def provenance(seed: int) -> dict[str, object]:
+    """What a result row was measured with: seed, git commit, CPU model, torch threads and kernel level.
+
+    Every benchmark row carries it, so a table can say where each number came from."""
+    import subprocess
+
+    import torch
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "seed": seed,
+        "commit": commit or "unknown",
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "cpu_kernels": active_cpu_capability(),
+    }
