@@ -69,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the config's workflow.lca_samples)",
     )
     sub.add_parser("doctor", help="check Ray, devices, vLLM, MLflow and versions; exit 1 if something fails")
+    rw = sub.add_parser(
+        "reward",
+        help="score responses with a trained reward head (X-KD/AVA); for chosen/rejected pairs also the accuracy",
+    )
+    rw.add_argument("--model", required=True, help="exported student with reward_head.pt, or a run directory")
+    rw.add_argument(
+        "--data",
+        required=True,
+        help="jsonl/json/parquet of prompt+response rows, or of prompt/chosen/rejected pairs (strings or chat "
+        "messages)",
+    )
+    rw.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    rw.add_argument("--max-prompt-tokens", type=int, default=256, help="as the run's data.max_prompt_tokens")
+    rw.add_argument(
+        "--max-response-tokens", type=int, default=256, help="as the run's data.max_response_tokens"
+    )
+    rw.add_argument("--no-chat-template", action="store_true", help="as the run's data.chat_template: false")
+    rw.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     return parser
 
 
@@ -119,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         from kdray.doctor import doctor
 
         return doctor()
+    if args.command == "reward":
+        from kdray.reward import reward_command
+
+        return reward_command(args)
     parser.print_help()
     return 0
 

@@ -213,6 +213,9 @@ class DataConfig:
     """Wrap prompts in the tokenizer's chat template when it has one."""
     difficulty: int = 2
     """Generated tasks only: how hard the examples are (e.g. number of operands)."""
+    preferences: bool = False
+    """Read preference pairs (prompt, chosen, rejected; strings or chat messages) instead of prompt/response
+    demonstrations; generated: arithmetic answers paired with a twin carrying one slip. `ava_p` needs it."""
 
     def __post_init__(self) -> None:
         if self.format == "generated" and self.source is not None:
@@ -272,6 +275,13 @@ class ObjectiveConfig:
     """Train on teacher-generated responses instead of the data's (always on for `seqkd`)."""
     generation_temperature: float = 0.0
     """Temperature of teacher generations for `teacher_generations`; 0 = greedy."""
+    cross_tokenizer: Literal["uld", "gold"] | None = None
+    """Loss for a teacher whose tokenizer differs from the student's: `uld` or `gold` replaces the
+    method's id-by-id divergence, the teacher scores its own tokenization of each response, and the two
+    are paired by the text they cover (docs/cross_tokenizer.md); None = off (tokenizers must match)."""
+    cross_tokenizer_params: Mapping[str, Any] = field(default_factory=dict)
+    """Knobs of the cross-tokenizer loss (ce_weight, distil_weight, beta, align, ...); unset keys take
+    the reference defaults of `cross_tokenizer`."""
 
     def __post_init__(self) -> None:
         from kdray.methods import UnknownMethodError, get_method, method_params
@@ -280,11 +290,13 @@ class ObjectiveConfig:
             method = get_method(self.method)
         except UnknownMethodError as err:
             raise ConfigError(f"objective.method: {err}") from None
-        if self.terms is None:  # the method's reference terms
-            terms = tuple(LossTerm(t["name"], t["weight"], dict(t["params"])) for t in method.terms)
+        reference = _cross_tokenizer_terms(self, method) or method.terms
+        if self.terms is None:  # the method's reference terms (or the cross-tokenizer loss replacing them)
+            terms = tuple(LossTerm(t["name"], t["weight"], dict(t["params"])) for t in reference)
             object.__setattr__(self, "terms", terms)
         object.__setattr__(self, "terms", tuple(self.terms))  # a list from Python code would break ==
         _non_empty(self, "terms")
+        _check_cross_tokenizer_terms(self, reference)
         if self.on_policy_fraction is None:
             object.__setattr__(self, "on_policy_fraction", method.on_policy_fraction)
         _between(self, "on_policy_fraction", 0.0, 1.0)
@@ -298,6 +310,33 @@ class ObjectiveConfig:
         _at_least(self, "sampling_temperature", 0, strict=True)
         _at_least(self, "max_new_tokens", 1)
         _at_least(self, "generation_temperature", 0)
+
+
+def _cross_tokenizer_terms(objective: ObjectiveConfig, method: Any) -> tuple[dict[str, Any], ...]:
+    """Resolve `cross_tokenizer_params` and return the terms `cross_tokenizer` trains (() when off);
+    the rules live with the losses' declaration (`kdray.methods.cross_tokenizer`)."""
+    from kdray.methods.cross_tokenizer import resolve_cross_tokenizer
+
+    fraction = objective.on_policy_fraction
+    fraction = method.on_policy_fraction if fraction is None else fraction
+    try:
+        params, terms = resolve_cross_tokenizer(
+            objective.cross_tokenizer, dict(objective.cross_tokenizer_params), method, fraction
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    object.__setattr__(objective, "cross_tokenizer_params", params)
+    return terms
+
+
+def _check_cross_tokenizer_terms(objective: ObjectiveConfig, reference: Any) -> None:
+    from kdray.methods.cross_tokenizer import check_cross_tokenizer_terms
+
+    terms = [{"name": t.name, "weight": t.weight, "params": dict(t.params)} for t in objective.terms or ()]
+    try:
+        check_cross_tokenizer_terms(objective.cross_tokenizer, terms, reference)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -509,6 +548,8 @@ class Config:
     """Steps and directories."""
 
     def __post_init__(self) -> None:
+        _check_preferences(self)
+        _check_pad(self)
         # A sweep dimension must name a settable path of this very config (e.g. an existing term's index).
         plain = config_to_dict(self)
         for key in self.tune.search_space:
@@ -516,6 +557,59 @@ class Config:
                 _set_path(copy.deepcopy(plain), key, None)
             except ConfigError as err:
                 raise ConfigError(f"tune.search_space key {key!r} is not a config path: {err}") from None
+
+
+def _check_preferences(cfg: Config) -> None:
+    """Pairs across sections: the method that needs them gets them, and nothing splits or replaces them."""
+    from kdray.methods import get_method
+
+    method = get_method(cfg.objective.method)
+    if method.pairs and not cfg.data.preferences:
+        _fail("data.preferences", False, f"true for method {method.name!r}, which trains on preference pairs")
+    if not cfg.data.preferences:
+        return
+    if cfg.train.batch_size % 2:
+        _fail("train.batch_size", cfg.train.batch_size, "an even number with data.preferences (a chosen and "
+              "its rejected response share a micro-batch)")  # fmt: skip
+    if cfg.objective.on_policy_fraction or method.data != "off_policy":
+        _fail("objective.on_policy_fraction", cfg.objective.on_policy_fraction, "0 with data.preferences, and "
+              "an off-policy method (student samples would replace the chosen and rejected responses)")  # fmt: skip
+    if cfg.objective.teacher_generations or method.generations:
+        _fail("objective.teacher_generations", True, "false with data.preferences (teacher generations "
+              "would replace the chosen and rejected responses)")  # fmt: skip
+
+
+def _check_pad(cfg: Config) -> None:
+    """PAD's groups: n responses of a prompt share a micro-batch, and nothing replaces its sampled rows."""
+    if cfg.objective.method != "pad":
+        return
+    from kdray.losses.pad import MAX_RESPONSES
+
+    p = cfg.objective.method_params
+    n, samples = p["n"], p["samples"]
+    if not (isinstance(n, int) and 2 <= n <= MAX_RESPONSES):
+        _fail(
+            "objective.method_params.n", n, f"an integer in [2, {MAX_RESPONSES}] (n! rankings are enumerated)"
+        )
+    if not (isinstance(samples, int) and samples >= n):
+        _fail(
+            "objective.method_params.samples", samples, f"an integer >= n = {n} (n are kept of the samples)"
+        )
+    if not 0.0 <= p["alpha"] <= 1.0:
+        _fail(
+            "objective.method_params.alpha",
+            p["alpha"],
+            "a number in [0, 1] (0 = judge only, 1 = log-prob only)",
+        )
+    if not 0.0 < p["top_p"] <= 1.0 or not p["temperature"] > 0:
+        _fail("objective.method_params", {"top_p": p["top_p"], "temperature": p["temperature"]},
+              "top_p in (0, 1] and temperature > 0 (the initial student's sampling)")  # fmt: skip
+    if cfg.train.batch_size % n:
+        _fail("train.batch_size", cfg.train.batch_size, f"a multiple of objective.method_params.n = {n} with "
+              "method 'pad' (a prompt's n responses share a micro-batch)")  # fmt: skip
+    if cfg.objective.on_policy_fraction or cfg.objective.teacher_generations or cfg.data.preferences:
+        _fail("objective.method", "pad", "with on_policy_fraction 0, teacher_generations false and "
+              "data.preferences false: PAD trains on its own sampled, teacher-scored groups")  # fmt: skip
 
 
 # --- YAML -------------------------------------------------------------------------------------------
@@ -789,6 +883,12 @@ def with_overrides(cfg: Config, values: Mapping[str, Any]) -> Config:
         for key, unset in (("terms", None), ("on_policy_fraction", None), ("method_params", {})):
             if f"objective.{key}" not in values:
                 data["objective"][key] = unset
+    if any(k.startswith("objective.cross_tokenizer") for k in values) and "objective.terms" not in values:
+        data["objective"]["terms"] = None  # the cross-tokenizer term is resolved from these two fields
+        loss = cfg.objective.cross_tokenizer
+        changed = values.get("objective.cross_tokenizer", loss) != loss
+        if changed and "objective.cross_tokenizer_params" not in values:  # another loss: its own defaults
+            data["objective"]["cross_tokenizer_params"] = {}
     for path, value in values.items():
         try:
             _set_path(data, path, _to_plain(value))

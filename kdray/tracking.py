@@ -275,20 +275,68 @@ class Tracker:
         registered_model: str | None = None,
         artifact_path: str = "student",
         max_new_tokens: int = 64,
+        reward_tokenization: Mapping[str, Any] | None = None,
     ) -> str | None:
         """Log an exported student (HF `save_pretrained` dir) as a pyfunc model; register it if named.
 
         Synchronous (registration needs the server) and retried 3 times. Returns the registered version,
         None when not registered or on a non-zero rank. Loading it needs kdray importable (`StudentPyfunc`).
+        An export that carries a reward head (X-KD, AVA) is also registered as `<registered_model>-reward`
+        (`log_reward_model`, with `reward_tokenization`), beside the policy in the same run.
         """
         if not self._active():
             return None
-        import mlflow
-
         export_dir = Path(export_dir)
         if not (export_dir / "config.json").is_file():
             raise FileNotFoundError(f"{export_dir} is not a save_pretrained directory (no config.json)")
         self.flush(timeout_s=30)  # the logged model copies the run's metrics: send them first
+        version = self._log_pyfunc(
+            export_dir, artifact_path, _student_pyfunc_class()(), {"max_new_tokens": max_new_tokens},
+            registered_model, "the student",
+        )  # fmt: skip
+        from kdray.models.build import REWARD_HEAD_FILE
+
+        if registered_model is not None and (export_dir / REWARD_HEAD_FILE).is_file():
+            self.log_reward_model(
+                export_dir, registered_model=f"{registered_model}-reward", tokenization=reward_tokenization
+            )
+        return version
+
+    def log_reward_model(
+        self,
+        export_dir: str | Path,
+        *,
+        registered_model: str | None = None,
+        artifact_path: str = "reward",
+        tokenization: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """Log the reward model of an export with a reward head as a pyfunc, r(x, y) = Σ_t μ_t per
+        `{prompt, response}` row (`kdray.reward.RewardPyfunc`); register it if named.
+
+        The logged artifact is the whole export (the head reads the student's hidden states).
+        `tokenization` holds the training's `max_prompt_tokens`, `max_response_tokens`, `chat_template`
+        (default: the `data` section's defaults), fixed in the logged model's config.
+        """
+        if not self._active():
+            return None
+        from kdray.reward import resolve_model_dir, reward_pyfunc_class
+
+        export_dir = resolve_model_dir(export_dir)  # a model with a head, or a clear error
+        return self._log_pyfunc(
+            export_dir, artifact_path, reward_pyfunc_class()(), dict(tokenization or {}), registered_model,
+            "the reward model",
+        )  # fmt: skip
+
+    def _log_pyfunc(
+        self,
+        export_dir: Path,
+        artifact_path: str,
+        python_model: Any,
+        model_config: Mapping[str, Any],
+        registered_model: str | None,
+        what: str,
+    ) -> str | None:
+        import mlflow
 
         def log() -> Any:
             with _fluent_tracking_uri(self.tracking_uri):
@@ -297,13 +345,13 @@ class Tracker:
                     name=artifact_path,
                     flavor=mlflow.pyfunc,
                     run_id=self.run_id,  # no mlflow.start_run: ending it would mark our run FINISHED
-                    python_model=_student_pyfunc_class()(),
+                    python_model=python_model,
                     artifacts={"student": str(export_dir)},
-                    model_config={"max_new_tokens": max_new_tokens},
+                    model_config=dict(model_config),
                     pip_requirements=_student_requirements(),  # skips inference (a subprocess load)
                 )
 
-        info = _retry(log, attempts=3, what=f"logging the student to {self.tracking_uri}")
+        info = _retry(log, attempts=3, what=f"logging {what} to {self.tracking_uri}")
         if registered_model is None:
             return None
 

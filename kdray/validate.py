@@ -62,10 +62,36 @@ def validate_config(cfg: Config) -> None:
             "ratio and rewards use the student's log-probs at temperature 1, as the reference samples; set "
             "objective.sampling_temperature: 1.0"
         )
+    _check_cross_tokenizer(cfg)
     if any(t.name == "taid" for t in objective.terms) and cfg.teacher.top_k is not None:
         raise ConfigError(
             f"teacher.top_k = {cfg.teacher.top_k}: the taid term interpolates full teacher logits, which a "
             "top-k signal does not hold; set teacher.top_k: null"
+        )
+
+
+def _check_cross_tokenizer(cfg: Config) -> None:
+    """A cross-tokenizer loss replaces a method's divergence; a method whose own loss reads the teacher
+    id by id (X-KD, TAID) would silently become another method, so it is refused."""
+    loss = cfg.objective.cross_tokenizer
+    if loss is None:
+        return
+    from kdray.losses import TERMS
+    from kdray.losses.divergences import DIVERGENCES
+    from kdray.methods import get_method
+
+    method = get_method(cfg.objective.method)
+    own = [
+        t["name"]
+        for t in method.terms
+        if t["name"] not in DIVERGENCES and TERMS[t["name"]].reads_signal(t["params"])
+    ]
+    if own:
+        raise ConfigError(
+            f"objective.cross_tokenizer = {loss!r}: method {method.name!r} trains its own loss "
+            f"({', '.join(own)}), which reads the teacher's distribution id by id; the cross-tokenizer loss "
+            "would replace it, not adapt it. Use a method whose loss is a divergence (supervised_kd, or gkd "
+            "with objective.on_policy_fraction: 0), or a student with the teacher's tokenizer"
         )
 
 
@@ -84,4 +110,9 @@ def describe_resolved(cfg: Config) -> str:
         + (" (from the loss terms)" if cfg.teacher.temperature is None else ""),
         f"teacher signal read by the loss: {'yes' if objective.needs_teacher else 'no'}",
     ]
+    if cfg.objective.cross_tokenizer is not None:
+        lines.append(
+            f"cross-tokenizer loss {cfg.objective.cross_tokenizer}: the teacher scores its own tokenization "
+            "of each response, paired with the student's by the text both cover (docs/cross_tokenizer.md)"
+        )
     return "\n".join(f"# {line}" for line in lines) + "\n"

@@ -244,8 +244,7 @@ def distill_step(
     from kdray.data.cache import SignalCache
     from kdray.train.trainer import distill
 
-    _preflight(ctx.cfg, teacher.outputs["path"])
-    signal = None
+    signal = None  # `distill` checks the tokenizers again, against the resolved teacher
     if outputs.outputs.get("signal_cache"):
         signal = SignalCache(outputs.outputs["cache_dir"]).read(outputs.outputs["signal_cache"])
     run = distill(
@@ -257,20 +256,13 @@ def distill_step(
     return {"student": str(run.export_path), "metrics": str(run.metrics_path), "final": _finite(run.final)}
 
 
-def _preflight(cfg: Config, teacher_path: str) -> None:
-    """Compare the student's and the teacher's vocabularies from tokenizer and config files before any
-    training starts; a student built in code or cut from the teacher shares its tokenizer by design."""
-    m = cfg.model
-    if m.name_or_path in ("tiny", "teacher") or m.init == "layer_pruned":
-        return
-    from kdray.methods import get_method
-    from kdray.teacher.preflight import preflight
+def _preflight(cfg: Config) -> None:
+    """Compare the student's and the teacher's vocabularies from tokenizer and config files at the start,
+    before any teacher is trained or loaded and before any data pass (a teacher the workflow trains from
+    scratch has a known tokenizer); a student built in code or cut from the teacher shares its tokenizer."""
+    from kdray.teacher.preflight import preflight_workflow
 
-    preflight(
-        teacher_path, m.name_or_path, method=get_method(cfg.objective.method),
-        teacher_revision=cfg.teacher.revision, student_revision=m.revision,
-        teacher_gguf=cfg.teacher.gguf_file, student_gguf=m.gguf_file,
-    )  # fmt: skip
+    preflight_workflow(cfg)
 
 
 def baseline_step(
@@ -373,7 +365,12 @@ def register_step(ctx: StepContext, student: StepResult, evaluation: StepResult 
     if ctx.tracker is None:
         return {"registered": None, "student": student.outputs["student"], "reason": "tracking disabled"}
     name = ctx.cfg.tracking.registered_model or f"{ctx.cfg.tracking.experiment}-student"
-    version = ctx.tracker.log_student(student.outputs["student"], registered_model=name)
+    d = ctx.cfg.data  # a reward head's model (`<name>-reward`) tokenizes as the run did
+    tokenization = {"max_prompt_tokens": d.max_prompt_tokens, "max_response_tokens": d.max_response_tokens,
+                    "chat_template": d.chat_template}  # fmt: skip
+    version = ctx.tracker.log_student(
+        student.outputs["student"], registered_model=name, reward_tokenization=tokenization
+    )
     return {"registered": name, "version": version, "student": student.outputs["student"]}
 
 
@@ -554,6 +551,7 @@ def run_teacher_steps(cfg: Config, tracking: dict[str, Any] | None = None) -> li
     is trained or checked once and scores the data once; the trials only read the cache it writes."""
     import ray
 
+    _preflight(cfg)
     _, task = _step_task()
     d = config_to_dict(cfg)
     options = {"tracking": tracking, "progress": sys.stderr.isatty()}
@@ -616,6 +614,7 @@ def run_workflow(cfg: Config, *, run_name: str | None = None) -> WorkflowResult:
     from kdray.validate import validate_config
 
     validate_config(cfg)  # before any step: a bad term or temperature must not cost a teacher pass
+    _preflight(cfg)  # tokenizer files only: a refused tokenizer pair must not cost one either
     workdir = Path(cfg.workflow.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_dict = config_to_dict(cfg)

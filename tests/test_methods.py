@@ -36,7 +36,8 @@ def test_every_method_builds_its_own_objective_from_its_declaration():
     from kdray.losses import build_objective
 
     for name, method in METHODS.items():
-        cfg = load_config(None, [f"objective.method={name}"])
+        pairs = ["data.preferences=true"] if method.pairs else []  # a pair method refuses demonstrations
+        cfg = load_config(None, [f"objective.method={name}", *pairs])
         assert [t.name for t in cfg.objective.terms] == [t["name"] for t in method.terms], name
         objective = build_objective(cfg.objective.terms)
         assert objective.needs_teacher == bool(method.needs & {"topk_logprobs", "sample_scores"}), name
@@ -60,7 +61,7 @@ def config_cli(tmp_path, text, *extra):
     )
 
 
-@pytest.mark.parametrize("method", ["pad", "ava", "gdk"])
+@pytest.mark.parametrize("method", ["ppad", "ava", "gdk"])
 def test_an_undeclared_method_exits_2_naming_the_valid_ones(tmp_path, method):
     out = config_cli(tmp_path, f"objective:\n  method: {method}\n")
     assert out.returncode == 2

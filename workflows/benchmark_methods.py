@@ -25,7 +25,13 @@ def _rows() -> dict[str, dict[str, Any]]:
     plus the X-KD variants the benchmark compares."""
     from kdray.methods import METHODS
 
-    rows: dict[str, dict[str, Any]] = {name: {"method": name} for name in METHODS if name != "xkd"}
+    # methods trained on preference pairs rank answers instead (workflows/ava.py measures them)
+    rows: dict[str, dict[str, Any]] = {
+        name: {"method": name} for name, m in METHODS.items() if name != "xkd" and not m.pairs
+    }
+    # PAD's judge prompt does not fit a tiny teacher's context (and a tiny teacher cannot follow it):
+    # rank by the teacher's log-prob alone (workflows/pad.py adds the SFT start PAD assumes)
+    rows["pad"] = {"method": "pad", "method_params": {"alpha": 1.0}}
     rows["xkd-divergence"] = {"method": "xkd"}
     rows["xkd-divergence-logprobs"] = {
         "method": "xkd",
@@ -40,32 +46,10 @@ def _rows() -> dict[str, dict[str, Any]]:
 
 
 def _provenance(args: argparse.Namespace) -> dict[str, Any]:
-    """What a row was measured with: seed, commit, CPU model and thread count."""
-    import subprocess
+    """What a row was measured with: seed, commit, CPU model, threads and kernel level."""
+    from kdray.determinism import provenance
 
-    import torch
-
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    from kdray.determinism import active_cpu_capability
-
-    return {
-        "seed": args.seed,
-        "commit": commit,
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
-        "cpu_kernels": active_cpu_capability(),
-    }
+    return provenance(args.seed)
 
 
 def _records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -100,7 +84,9 @@ def _config(
             "objective": {**method, "max_new_tokens": args.max_new_tokens},
             "train": {
                 "batch_size": args.batch_size, "max_steps": steps, "lr": args.lr, "warmup_steps": 20,
-                "checkpoint_every": steps, "eval_every": max(steps // 4, 1), "seed": args.seed,
+                # a quarter at most is lost when Ray Train restarts a worker (a failed health check on a
+                # loaded machine restarts the worker group from the latest checkpoint)
+                "checkpoint_every": max(steps // 4, 1), "eval_every": max(steps // 4, 1), "seed": args.seed,
             },
             "tracking": {"log_every": max(steps // 20, 1)},
         }

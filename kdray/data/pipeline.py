@@ -3,6 +3,8 @@
 Nothing here materialises the dataset: the teacher scores blocks as the training workers pull them, so
 the students start as soon as the first blocks are scored. The teacher runs as `map_batches` actors on
 its own resources (GPUs, or a custom `teacher` resource that cluster configs give to teacher nodes).
+Preference pairs enter as two consecutive rows with a `pair_sign` column (`paired_rows`), which every
+stage passes through untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +35,63 @@ def records_dataset(records: Sequence[Mapping[str, Any]], *, block_rows: int) ->
     return _ray_data().from_items(list(records), override_num_blocks=n_blocks)
 
 
+def paired_rows(
+    records: Sequence[Mapping[str, Any]], *, block_rows: int, splits: int = 1
+) -> list[dict[str, Any]]:
+    """Preference pairs as training rows (`preferences.pair_rows`), cut so no pair is ever split.
+
+    Pairs are consecutive rows, chosen then rejected, and the loss pairs row 2i with row 2i + 1 of a
+    micro-batch. That holds if every block `records_dataset` cuts, every worker's shard and every
+    micro-batch starts at an even row: with an even `block_rows` (one micro-batch) and a row count that
+    is a multiple of `block_rows x splits`, `from_items` cuts equal blocks and Ray Data's equal
+    `streaming_split` over `splits` workers hands out whole blocks (its balancing cuts fall on block
+    boundaries). The rows past the last such multiple are dropped (fewer than one global batch).
+    """
+    from kdray.data.preferences import pair_rows
+
+    if block_rows < 2 or block_rows % 2:
+        raise ValueError(
+            f"preference pairs need an even batch size of at least 2 (chosen and rejected rows share a "
+            f"micro-batch); train.batch_size = {block_rows}"
+        )
+    rows = pair_rows(records)
+    unit = block_rows * splits
+    keep = len(rows) // unit * unit
+    if keep == 0:
+        raise ValueError(
+            f"{len(records)} preference records give {len(rows)} rows, fewer than one global batch of "
+            f"{unit} rows (train.batch_size x train.num_workers): add pairs or lower the batch size"
+        )
+    return rows[:keep]
+
+
+def grouped_rows(
+    rows: Sequence[Mapping[str, Any]], *, group_size: int, block_rows: int, splits: int = 1
+) -> list[Mapping[str, Any]]:
+    """PAD's rows (a prompt's n responses as n consecutive rows), cut so no group is ever split.
+
+    The same guarantee as `paired_rows`, for groups of n: with `block_rows` a multiple of n and a row
+    count that is a multiple of `block_rows x splits`, every block, worker shard and micro-batch starts
+    at a group's first row. The rows past the last such multiple are dropped (fewer than one global
+    batch). `rows` must already hold whole groups in order (`kdray.train.pad_data.pad_rows`).
+    """
+    if group_size < 2 or block_rows % group_size:
+        raise ValueError(
+            f"PAD trains on groups of method_params.n = {group_size} responses per prompt in one micro-batch: "
+            f"train.batch_size = {block_rows} must be a multiple of it"
+        )
+    if len(rows) % group_size:
+        raise ValueError(f"{len(rows)} rows are not whole groups of {group_size}")
+    unit = block_rows * splits
+    keep = len(rows) // unit * unit
+    if keep == 0:
+        raise ValueError(
+            f"{len(rows) // group_size} prompt groups give {len(rows)} rows, fewer than one global batch of "
+            f"{unit} rows (train.batch_size x train.num_workers): add prompts or lower the batch size"
+        )
+    return list(rows[:keep])
+
+
 class TeacherProgress:
     """A tiny actor counting scored rows over time: how a run measures that training overlapped the
     teacher pass (rows scored before the first optimisation step, out of all rows)."""
@@ -58,15 +117,29 @@ def progress_actor() -> Any:
 
 
 class TeacherScorer:
-    """`map_batches` callable: a Teacher attaching its signal, reporting progress to `progress` if given."""
+    """`map_batches` callable: a Teacher attaching its signal, reporting progress to `progress` if given.
 
-    def __init__(self, progress: Any = None, **teacher_kwargs: Any) -> None:
+    With `cross` ({student_tokenizer, max_prompt_tokens, max_response_tokens}) the teacher scores its
+    own tokenization of each row's prompt and response instead of the student's token ids
+    (`kdray.teacher.cross_signal`): the teacher's and the student's tokenizers differ.
+    """
+
+    def __init__(
+        self, progress: Any = None, cross: Mapping[str, Any] | None = None, **teacher_kwargs: Any
+    ) -> None:
         from kdray.teacher import Teacher
 
         self.teacher, self.progress = Teacher(**teacher_kwargs), progress
+        self.cross = None
+        if cross is not None:
+            from kdray.teacher.cross_signal import CrossTokenizerSignal, load_student_tokenizer
+
+            options = dict(cross)
+            student = load_student_tokenizer(options.pop("student_tokenizer"))
+            self.cross = CrossTokenizerSignal(self.teacher, student, **options)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        out = self.teacher(batch)
+        out = self.cross(batch) if self.cross is not None else self.teacher(batch)
         out.pop("mask", None)  # the batch's own response_mask already says which tokens count
         if self.progress is not None:
             self.progress.add.remote(len(batch["input_ids"]), time.time())
@@ -137,11 +210,13 @@ def with_teacher_signal(
     num_gpus: float = 0.0,
     resources: Mapping[str, float] | None = None,
     progress: Any = None,
+    cross: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Attach the teacher signal, streaming, from `replicas` teacher actors on the teacher's resources."""
+    """Attach the teacher signal, streaming, from `replicas` teacher actors on the teacher's resources;
+    `cross` makes it the signal over the teacher's own tokenization (see `TeacherScorer`)."""
     return ds.map_batches(
         TeacherScorer,
-        fn_constructor_kwargs={**teacher_kwargs, "progress": progress},
+        fn_constructor_kwargs={**teacher_kwargs, "progress": progress, "cross": cross},
         batch_size=batch_size,
         compute=_ray_data().ActorPoolStrategy(size=replicas),
         **_actor_options(num_cpus, num_gpus, resources),

@@ -338,9 +338,14 @@ def _check_not_empty(result: ReadResult) -> None:
 
 
 def read_config_split(config: DataConfig, which: Literal["train", "eval"] = "train") -> ReadResult:
-    """Builder: the records of `config.split` (train) or `config.eval_split` (eval) with the config's limits."""
+    """Builder: the records of `config.split` (train) or `config.eval_split` (eval) with the config's limits
+    (preference pairs with `data.preferences`, see `kdray.data.preferences`)."""
     if which not in ("train", "eval"):
         raise ValueError(f"which={which!r} is not one of 'train', 'eval'")
+    if config.preferences:
+        from kdray.data.preferences import read_config_pairs
+
+        return read_config_pairs(config, which)
     return read_records(
         config.task,
         config.source,

@@ -19,8 +19,11 @@ from typing import Any
 
 import torch
 
+from kdray.losses.ava import ava_pref_loss, ava_pref_term
+from kdray.losses.cross_tokenizer_term import cross_tokenizer_term
 from kdray.losses.divergences import DIVERGENCES, loss_dtype
 from kdray.losses.minillm import minillm_loss
+from kdray.losses.pad_term import pad_term
 from kdray.losses.reduce import chunked_per_token, masked_mean
 from kdray.losses.signal import (
     check_signal_temperature,
@@ -30,6 +33,7 @@ from kdray.losses.signal import (
 )
 from kdray.losses.taid import taid_per_token
 from kdray.losses.xkd import xkd_loss
+from kdray.methods.cross_tokenizer import CROSS_TOKENIZER_LOSSES, CROSS_TOKENIZER_PARAMS
 
 Tensor = torch.Tensor
 TermResult = tuple[Tensor, dict[str, Tensor]]
@@ -231,6 +235,23 @@ TERMS: dict[str, TermSpec] = {
     ),
     "taid": TermSpec(taid_term, _knobs(taid_term)),
     "minillm": TermSpec(minillm_term, _knobs(minillm_loss), fixed_temperature=1.0),
+    # AVA-p: Bradley–Terry on the reward head's summed μ over preference pairs (the pair count comes
+    # with the batch, like the token count: not a knob)
+    "ava_pref": TermSpec(
+        ava_pref_term,
+        {k: v for k, v in _knobs(ava_pref_loss).items() if k != "num_pairs"},
+        reads_signal=_never,
+        reward_head=True,
+    ),
+    # PAD: ranking of a prompt's n responses against the teacher's rewards, which come with the rows
+    # (the group count comes with the batch, like the token count: not a knob)
+    "pad": TermSpec(pad_term, _knobs(pad_term), reads_signal=_never),
+    # cross-tokenizer losses (`objective.cross_tokenizer`): knobs and defaults from their declaration;
+    # the vocabulary map and the teacher's vocabulary size come at call time (runtime), not from configs
+    **{
+        name: TermSpec(partial(cross_tokenizer_term, name), dict(CROSS_TOKENIZER_PARAMS[name]))
+        for name in CROSS_TOKENIZER_LOSSES
+    },
 }
 
 

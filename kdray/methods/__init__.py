@@ -12,7 +12,7 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
-from kdray.methods import distillm, gkd, minillm, seqkd, sft, supervised_kd, taid, xkd
+from kdray.methods import ava, distillm, gkd, minillm, pad, seqkd, sft, supervised_kd, taid, xkd
 from kdray.methods.base import DATA_MODES, NEEDS, TOKENIZER_RULES, Method
 
 __all__ = [
@@ -27,7 +27,11 @@ __all__ = [
 ]
 
 METHODS: dict[str, Method] = {
-    m.METHOD.name: m.METHOD for m in (sft, supervised_kd, seqkd, gkd, minillm, distillm, taid, xkd)
+    m.name: m
+    for m in (
+        *(module.METHOD for module in (sft, supervised_kd, seqkd, gkd, minillm, distillm, taid, xkd, pad)),
+        *ava.METHODS,  # AVA-d and AVA-p share one module and one objective
+    )
 }
 
 

@@ -43,6 +43,8 @@ class Method:
     """Default λ: the probability that a step trains on student samples (1 = every step)."""
     generations: bool = False
     """Train on teacher-generated responses instead of the data's (SeqKD)."""
+    pairs: bool = False
+    """Train on preference pairs (prompt, chosen, rejected): the config must set `data.preferences`."""
     params: Mapping[str, Any] = field(default_factory=dict)
     """Method-level knobs and their reference defaults (`objective.method_params`)."""
     state: Callable[..., Any] | None = None

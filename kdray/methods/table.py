@@ -28,6 +28,7 @@ def method_record(method: Method) -> dict[str, Any]:
         "data": method.data,
         "on_policy_fraction": method.on_policy_fraction,
         "generations": method.generations,
+        "pairs": method.pairs,
         "params": dict(method.params),
         "state": method.state is not None,
         "tokenizer": method.tokenizer,
@@ -54,6 +55,7 @@ def methods_table() -> str:
     lines = []
     for m in METHODS.values():
         data = m.data if m.data != "on_policy" else f"on_policy (λ={m.on_policy_fraction:g})"
+        data += ", preference pairs" if m.pairs else ""
         lines += [
             f"{m.name:<14} {m.summary}",
             f"{'':<14} terms: {_terms_text(m)}",
@@ -80,6 +82,7 @@ def methods_markdown() -> str:
         out += [f"- Reference: {m.reference}", f"- Default terms: `{_terms_text(m)}`"]
         out += [f"- Needs of the teacher: {', '.join(sorted(m.needs)) or 'nothing'}"]
         data = m.data if m.data != "on_policy" else f"on-policy, λ = {m.on_policy_fraction:g}"
+        data += ", preference pairs (`data.preferences: true`)" if m.pairs else ""
         out += [f"- Data: {data}; tokenizers: {m.tokenizer}"]
         if m.params:
             out += [f"- `objective.method_params`: {', '.join(f'`{k}: {v}`' for k, v in m.params.items())}"]

@@ -23,7 +23,19 @@ TOKEN_COLUMNS = (
     "teacher_logits",
     "old_logprobs",
     "mix_logprobs",
+    "xtok_student_group",
 )
+#: per teacher-response-token columns of the cross-tokenizer signal: as wide as the longest teacher
+#: response of the batch, not the student's row (`kdray.losses.cross_tokenizer_term`)
+TEACHER_RESPONSE_COLUMNS = (
+    "xtok_topk_ids",
+    "xtok_topk_logprobs",
+    "xtok_token_logprobs",
+    "xtok_teacher_mask",
+    "xtok_teacher_group",
+)
+#: padding of the columns whose 0 means something (a group index: -1 = in no group)
+_FILL = {"xtok_student_group": -1, "xtok_teacher_group": -1}
 
 
 def _stack(column: Any, width: int, fill: Any) -> np.ndarray:
@@ -43,8 +55,12 @@ def regularize_batch(batch: Mapping[str, Any], pad_id: int) -> dict[str, Any]:
     out = dict(batch)
     for key in TOKEN_COLUMNS:
         if key in batch:
-            fill = pad_id if key == "input_ids" else 0
+            fill = pad_id if key == "input_ids" else _FILL.get(key, 0)
             out[key] = _stack(batch[key], width, fill)
+    for key in TEACHER_RESPONSE_COLUMNS:
+        if key in batch:
+            longest = max((len(np.asarray(r)) for r in batch[key]), default=0)
+            out[key] = _stack(batch[key], longest, _FILL.get(key, 0))
     return out
 
 

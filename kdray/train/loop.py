@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kdray.losses import build_objective
+from kdray.losses.cross_tokenizer_term import cross_runtime
 from kdray.models import Student
 from kdray.models.build import build_student, export_student
 from kdray.train.batches import micro_batches
@@ -303,6 +304,8 @@ class TrainingLoop:
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.objective = build_objective(spec.terms)
+        # cross-tokenizer terms read the two tokenizers' vocabulary map at every call: built once here
+        self.cross_runtime = cross_runtime(self.objective.terms, tok, spec.student.get("teacher_path"))
         bf16 = self.device.type == "cuda" and spec.precision in ("auto", "bf16")
         self.step_cfg = StepConfig(
             grad_clip=spec.grad_clip, chunk_size=spec.loss_chunk_size, vocab_size=len(tok), autocast_bf16=bf16
@@ -364,8 +367,8 @@ class TrainingLoop:
             tensors = [to_tensors(m, self.device) for m in micro]
             logs = train_step(
                 self.student, self.optimizer, self.objective, tensors, self.step_cfg,
-                runtime=state.method.runtime(), lm_batches=[to_tensors(m, self.device) for m in lm],
-                lm_coef=self.lm_coef,
+                runtime={**state.method.runtime(), **self.cross_runtime},
+                lm_batches=[to_tensors(m, self.device) for m in lm], lm_coef=self.lm_coef,
             )  # fmt: skip
             self.scheduler.step()
             state.step += 1

@@ -8,6 +8,11 @@ and the signal's `[:, 1:]`.
 Normalisation: every micro-batch's loss is its sum divided by the token count of the whole *global*
 step (all micro-batches on all workers). Summing micro-batch gradients then gives the gradient of the
 mean over the global batch; DDP averages over W workers, so each worker scales its loss by W.
+
+Preference pairs (AVA-p) are consecutive rows, chosen then rejected, marked by a per-row `pair_sign`
+(+1, −1; 0 for a row with no partner). The rejected rows are not demonstrations: `loss_mask` drops
+them, so every token term and the token count see the chosen rows only, while `pair_mask` keeps every
+row's response for the preference term, which is averaged over the step's global pair count.
 """
 
 from __future__ import annotations
@@ -18,14 +23,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from kdray.losses.cross_tokenizer_term import CROSS_COLUMNS, STUDENT_COLUMN
 from kdray.losses.objective import Objective
 
 Tensor = torch.Tensor
 SIGNAL_KEYS = ("topk_ids", "topk_logprobs", "token_logprobs", "teacher_logits", "temperature")
 #: per-token columns of on-policy samples (MiniLLM's sampling log-probs), aligned with the input tokens
 SAMPLE_KEYS = ("old_logprobs", "mix_logprobs")
+#: per-row column of preference pairs: +1 chosen, -1 rejected (the next row after its chosen), 0 unpaired
+PAIR_KEY = "pair_sign"
+#: per-row columns of PAD's groups (`kdray.losses.pad_term`): place in the prompt's group, teacher's reward
+GROUP_KEY, REWARD_KEY = "group_pos", "teacher_reward"
+#: integer columns of the teacher's signal over its own tokenization (`objective.cross_tokenizer`,
+#: `kdray.losses.cross_tokenizer_term.CROSS_COLUMNS`)
+CROSS_INT_KEYS = ("xtok_topk_ids", "xtok_teacher_group", "xtok_student_group")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -36,12 +50,14 @@ def to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> 
     """numpy/list columns -> tensors on `device` (ids long, masks bool, floats float32); other columns dropped."""
     out: dict[str, Tensor] = {}
     for key, value in batch.items():
-        if key not in ("input_ids", "attention_mask", "response_mask", *SIGNAL_KEYS, *SAMPLE_KEYS):
+        if key not in ("input_ids", "attention_mask", "response_mask", PAIR_KEY, GROUP_KEY, REWARD_KEY,
+                       *SIGNAL_KEYS, *SAMPLE_KEYS, *CROSS_COLUMNS):  # fmt: skip
             continue
-        t = torch.as_tensor(value)
-        if key in ("attention_mask", "response_mask"):
+        # a per-row int column may come as an object array (records tokenized in process, kdray.data.local)
+        t = torch.as_tensor(np.asarray(value, dtype=np.int64) if key in (PAIR_KEY, GROUP_KEY) else value)
+        if key in ("attention_mask", "response_mask", "xtok_teacher_mask"):
             t = t.bool()
-        elif key in ("input_ids", "topk_ids"):
+        elif key in ("input_ids", "topk_ids", PAIR_KEY, GROUP_KEY, *CROSS_INT_KEYS):
             t = t.long()
         else:
             t = t.float()
@@ -49,16 +65,32 @@ def to_tensors(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> 
     return out
 
 
-def loss_mask(batch: Mapping[str, Tensor]) -> Tensor:
-    """(B, L-1) mask of the predicted positions that count: response tokens that are not padding."""
+def response_positions(batch: Mapping[str, Tensor]) -> Tensor:
+    """(B, L-1) mask of the predicted positions of every row's response (padding excluded)."""
     mask = batch["response_mask"][:, 1:]
     if "attention_mask" in batch:
         mask = mask & batch["attention_mask"][:, 1:]
     return mask
 
 
+def loss_mask(batch: Mapping[str, Tensor]) -> Tensor:
+    """(B, L-1) mask of the predicted positions that count: response tokens that are not padding, of
+    rows that are demonstrations (a preference pair's rejected row is not one)."""
+    mask = response_positions(batch)
+    if PAIR_KEY in batch:
+        mask = mask & (batch[PAIR_KEY] >= 0).reshape(-1, 1).to(mask.device)
+    return mask
+
+
 def teacher_signal(batch: Mapping[str, Tensor], vocab_size: int | None = None) -> dict[str, Tensor] | None:
-    """The signal shifted to pair with `logits[:, :-1]`; dense logits sliced to the tokenizer length."""
+    """The signal shifted to pair with `logits[:, :-1]`; dense logits sliced to the tokenizer length.
+    The cross-tokenizer signal is per teacher response token: only its student column shifts."""
+    if STUDENT_COLUMN in batch:
+        signal = {k: batch[k] for k in CROSS_COLUMNS if k in batch}
+        signal[STUDENT_COLUMN] = batch[STUDENT_COLUMN][:, 1:]
+        if "temperature" in batch:
+            signal["temperature"] = batch["temperature"]
+        return signal
     if "teacher_logits" in batch:
         logits = batch["teacher_logits"][:, 1:]
         return {"teacher_logits": logits[..., :vocab_size] if vocab_size else logits}
@@ -84,6 +116,9 @@ def student_forward(
         logits = logits[..., :vocab_size]  # padded heads: only the tokenizer's ids are tokens
     loss_batch = {"target_ids": batch["input_ids"][:, 1:], "mask": loss_mask(batch)}
     loss_batch.update({k: batch[k][:, 1:] for k in SAMPLE_KEYS if k in batch})
+    if PAIR_KEY in batch:
+        loss_batch.update(pair_sign=batch[PAIR_KEY], pair_mask=response_positions(batch))
+    loss_batch.update({k: batch[k] for k in (GROUP_KEY, REWARD_KEY) if k in batch})
     if mu is not None:
         loss_batch.update(reward_mu=mu[:, :-1], reward_log_sigma=log_sigma[:, :-1])
     return logits, loss_batch
@@ -112,6 +147,33 @@ def _world() -> tuple[int, bool]:
 def global_token_count(micro_batches: Sequence[Mapping[str, Tensor]]) -> int:
     """Counted tokens over every micro-batch of the step on every worker (all-reduced under DDP)."""
     local = sum(int(loss_mask(b).sum()) for b in micro_batches)
+    if not _world()[1]:
+        return local
+    t = torch.tensor([local], dtype=torch.long, device=_reduce_device())
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def global_pair_count(micro_batches: Sequence[Mapping[str, Tensor]]) -> int | None:
+    """Preference pairs (chosen rows) of the step on every worker; None when the batches hold no pairs.
+
+    Every worker reads the same columns, so either all of them all-reduce here or none does.
+    """
+    if not micro_batches or PAIR_KEY not in micro_batches[0]:
+        return None
+    local = sum(int((b[PAIR_KEY] == 1).sum()) for b in micro_batches)
+    if not _world()[1]:
+        return local
+    t = torch.tensor([local], dtype=torch.long, device=_reduce_device())
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def global_group_count(micro_batches: Sequence[Mapping[str, Tensor]]) -> int | None:
+    """PAD's prompt groups (rows at group position 0) of the step on every worker; None without groups."""
+    if not micro_batches or GROUP_KEY not in micro_batches[0]:
+        return None
+    local = sum(int((b[GROUP_KEY] == 0).sum()) for b in micro_batches)
     if not _world()[1]:
         return local
     t = torch.tensor([local], dtype=torch.long, device=_reduce_device())
@@ -154,6 +216,8 @@ def train_step(
     `cfg.max_bad_steps` consecutive skips a NonFiniteLossError names the terms that went bad.
     """
     num_tokens = max(global_token_count(micro_batches), 1)
+    num_pairs = global_pair_count(micro_batches)
+    num_groups = global_group_count(micro_batches)
     world, _ = _world()
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, float] = {}
@@ -163,6 +227,10 @@ def train_step(
     for mb in micro_batches:
         with _autocast(cfg.autocast_bf16):
             logits, loss_batch = student_forward(student, mb, cfg.vocab_size)
+        if num_pairs is not None:
+            loss_batch["num_pairs"] = torch.tensor(max(num_pairs, 1))
+        if num_groups is not None:
+            loss_batch["num_groups"] = torch.tensor(max(num_groups, 1))
         loss, logs = objective(
             logits,
             loss_batch,

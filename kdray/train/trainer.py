@@ -175,9 +175,22 @@ def build_datasets(
             teacher_kwargs(cfg, _require(teacher_path)),
             batch_size=rows,
             progress=progress,
+            cross=cross_signal_options(cfg, tokenizer_path),
             **placement,
         )
     return train, eval_ds
+
+
+def cross_signal_options(cfg: Any, student_tokenizer: str) -> dict[str, Any] | None:
+    """With `objective.cross_tokenizer` the teacher scores its own tokenization of each row, cut like the
+    student's (`kdray.teacher.cross_signal`); None otherwise."""
+    if cfg.objective.cross_tokenizer is None:
+        return None
+    return {
+        "student_tokenizer": student_tokenizer,
+        "max_prompt_tokens": cfg.data.max_prompt_tokens,
+        "max_response_tokens": cfg.data.max_response_tokens,
+    }
 
 
 def _require(teacher_path: str | None) -> str:
@@ -208,14 +221,25 @@ def distill(
     per-step metrics into; `progress_desc` labels the run's progress: a bar over the steps, or (with
     `progress_bar=False`, for logs) one line per logged step.
     """
+    from kdray.teacher.preflight import preflight_config, student_tokenizer_path
+
+    if teacher_path:  # tokenizer files only: a refused pair costs a second, before any actor starts
+        preflight_config(cfg, teacher_path)
     import ray.train
     from ray.train.torch import TorchTrainer
 
     workdir = Path(workdir).resolve()
-    train_records = rows_consumed(cfg, train_records)
+    extra: dict[str, Any] = {}
+    if cfg.objective.method == "pad" and signal_dataset is None:
+        # PAD's rows are built offline from the initial student's samples, scored by the teacher
+        from kdray.train.pad_data import pad_rows
+
+        prepared = pad_rows(cfg, train_records, teacher_path=_require(teacher_path))
+        train_records, extra["pad"] = prepared.rows, prepared.stats
+    train_records, eval_records = training_rows(cfg, train_records, eval_records)
     metrics_path = workdir / name / "metrics.jsonl"
     export_path = workdir / name / "student" if export else None
-    tokenizer_path = teacher_path if teacher_path else cfg.model.name_or_path
+    tokenizer_path = student_tokenizer_path(cfg, teacher_path)  # the student's rows, its own tokenizer
     from kdray.data.pipeline import progress_actor
 
     _check_capacity(cfg, scorer=signal_dataset is None and needs_signal(cfg), pool=needs_pool(cfg))
@@ -264,7 +288,7 @@ def distill(
             import ray
 
             ray.kill(progress)
-    return DistillRun(result, read_history(metrics_path), export_path, metrics_path)
+    return DistillRun(result, read_history(metrics_path), export_path, metrics_path, extra)
 
 
 def _check_capacity(cfg: Any, *, scorer: bool, pool: bool) -> None:
@@ -291,6 +315,29 @@ def _check_capacity(cfg: Any, *, scorer: bool, pool: bool) -> None:
             "Precompute the signal (the workflow's teacher_outputs step), lower teacher.replicas or "
             "teacher.num_cpus, or add nodes (ray.init(num_cpus=...) oversubscribes a small machine)."
         )
+
+
+def training_rows(
+    cfg: Any, train_records: Sequence[Mapping[str, Any]], eval_records: Sequence[Mapping[str, Any]]
+) -> tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]:
+    """The rows the datasets are built from: the records, or with `data.preferences` each pair as two
+    consecutive rows (chosen, rejected) cut so that no block, shard or micro-batch splits a pair.
+    Demonstrations may ride along with the pairs (`pair_sign` 0), but a split with no pair is refused."""
+    if not cfg.data.preferences:
+        return rows_consumed(cfg, train_records), eval_records
+    from kdray.data.pipeline import paired_rows
+    from kdray.data.preferences import is_pair
+
+    for which, records in (("train", train_records), ("eval", eval_records)):
+        if not any(is_pair(r) for r in records):
+            raise ValueError(
+                f"data.preferences is true but no {which} record has a 'rejected' response: read pairs with "
+                "kdray.data.preferences (read_preferences, arithmetic_pairs), or set data.preferences: "
+                "false for demonstrations"
+            )
+    rows, splits = cfg.train.batch_size, cfg.train.num_workers
+    train = paired_rows(train_records, block_rows=rows, splits=splits)
+    return rows_consumed(cfg, train), paired_rows(eval_records, block_rows=rows, splits=splits)
 
 
 def rows_consumed(cfg: Any, records: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:

@@ -99,7 +99,7 @@ def trial_datasets(cfg: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
     pipeline: the signal cache when the sweep's teacher pass wrote one, else the tokenized records."""
     from kdray.data.cache import SignalCache
     from kdray.data.local import tokenized_records
-    from kdray.train.trainer import rows_consumed
+    from kdray.train.trainer import training_rows
 
     tok = {
         "max_prompt_tokens": cfg.data.max_prompt_tokens,
@@ -108,7 +108,9 @@ def trial_datasets(cfg: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
         "batch_size": cfg.train.batch_size,
     }
     tokenizer = inputs["tokenizer_path"]  # loaded as the pipeline's Tokenize loads it
-    eval_ds = tokenized_records(_records(inputs["eval"]), tokenizer, **tok)
+    # records, or with data.preferences each pair as two consecutive rows, as `distill` lays them out
+    train_rows, eval_rows = training_rows(cfg, _records(inputs["train"]), _records(inputs["eval"]))
+    eval_ds = tokenized_records(eval_rows, tokenizer, **tok)
     passes = inputs.get("teacher_passes") or {}
     if passes:  # one teacher pass per swept teacher temperature: read the one this trial's loss wants
         from kdray.validate import teacher_temperature
@@ -117,7 +119,7 @@ def trial_datasets(cfg: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
     if inputs.get("signal_cache"):
         train_ds = SignalCache(inputs["cache_dir"]).local(inputs["signal_cache"])
     else:
-        train_ds = tokenized_records(rows_consumed(cfg, _records(inputs["train"])), tokenizer, **tok)
+        train_ds = tokenized_records(train_rows, tokenizer, **tok)
     return {"train": train_ds, "eval": eval_ds}
 
 

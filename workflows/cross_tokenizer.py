@@ -1,0 +1,177 @@
+"""Cross-tokenizer distillation end to end: a BPE teacher, a character-level student, ULD and GOLD.
+
+    python workflows/cross_tokenizer.py --baseline   # 34 minutes on 2 CPU cores shared with other jobs
+    python workflows/cross_tokenizer.py --runs uld --student-steps 100   # fewer, shorter students
+    python workflows/cross_tokenizer.py --teacher-path runs/cross_tokenizer/teacher/student  # reuse it
+
+Results and what they say: docs/cross_tokenizer.md.
+
+The teacher and the student tokenise the arithmetic task differently: the teacher with a byte-level BPE
+trained here on the task's text (SmolLM2-style: "Ġ" spaces, digits one by one, a ChatML template), the
+student with kdray's character tokenizer and its own chat template. The teacher is trained from scratch
+with cross-entropy (method `sft`); then one student initialisation is distilled through
+`kdray.train.trainer.distill` with `objective.cross_tokenizer: uld` and with `gold` (by default at
+their reference defaults, and GOLD once more with ULD's cross-entropy weight: GOLD's reference trains
+without it), and (with `--baseline`) with cross-entropy alone on the same budget. Printed per model:
+held-out exact match (greedy) and the mean log-likelihood per token of the held-out reference
+responses under the model's own tokenizer (higher is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _config(
+    args: argparse.Namespace, *, model: str, teacher: str, objective: dict[str, Any], steps: int
+) -> Any:
+    from kdray.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "model": {"name_or_path": model},
+            "teacher": {"name_or_path": teacher, "top_k": args.top_k, "num_cpus": 1, "batch_size": 16},
+            "data": {"max_prompt_tokens": args.max_prompt, "max_response_tokens": args.max_response},
+            "objective": objective,
+            "train": {
+                "batch_size": args.batch_size, "max_steps": steps, "lr": args.lr,
+                "warmup_steps": min(20, steps // 10), "checkpoint_every": steps,
+                "eval_every": max(steps // 2, 1), "seed": args.seed,
+            },
+            "tracking": {"log_every": max(steps // 10, 1)},
+        }
+    )  # fmt: skip
+
+
+def objective(spec: str) -> dict[str, Any]:
+    """The objective of a `--runs` entry: `gold` or `gold:ce_weight=1;beta=0.3` (values read as YAML)."""
+    import yaml
+
+    loss, _, knobs = spec.partition(":")
+    params = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in knobs.split(";") if kv)}
+    return {"method": "supervised_kd", "cross_tokenizer": loss, "cross_tokenizer_params": params}
+
+
+def score(path: str, held_out: list[dict[str, Any]], max_new_tokens: int) -> dict[str, float]:
+    """Held-out exact match (%) of greedy answers and mean log-likelihood per reference response token."""
+    import numpy as np
+
+    from kdray.eval.evaluate import greedy_generations, task_scores
+    from kdray.teacher import Teacher
+
+    texts = greedy_generations(path, [r["prompt"] for r in held_out], max_new_tokens=max_new_tokens)
+    model = Teacher(path, top_k=1, batch_size=32)
+    loglik = model.reward([r["prompt"] for r in held_out], [r["response"] for r in held_out])
+    return {
+        "exact_match": task_scores("arithmetic", texts, held_out)["exact_match"],
+        "loglik_per_token": float(np.mean(loglik)),
+    }
+
+
+def build_models(args: argparse.Namespace, train: list[dict[str, Any]], workdir: Path) -> tuple[str, str]:
+    """(teacher init, student init) checkpoint directories: random weights, two tokenizers."""
+    from kdray.models.bpe import bpe_tokenizer, save_bpe_checkpoint
+    from kdray.models.tiny import save_tiny_checkpoint
+
+    t_hidden, t_layers = map(int, args.teacher_size.split("x"))
+    s_hidden, s_layers = map(int, args.student_size.split("x"))
+    bpe = bpe_tokenizer([f"{r['prompt']}\n{r['response']}" for r in train], args.bpe_vocab)
+    teacher = save_bpe_checkpoint(
+        workdir / "teacher-init", bpe, hidden_size=t_hidden, num_layers=t_layers,
+        num_heads=max(1, t_hidden // 32), seed=args.seed + 1,
+    )  # fmt: skip
+    student = save_tiny_checkpoint(
+        workdir / "student-init", hidden_size=s_hidden, num_layers=s_layers,
+        num_heads=max(1, s_hidden // 32), seed=args.seed + 2,
+    )  # fmt: skip
+    return str(teacher), str(student)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--train-examples", type=int, default=4000)
+    parser.add_argument("--eval-examples", type=int, default=100)
+    parser.add_argument("--difficulty", type=int, default=1)
+    parser.add_argument("--teacher-steps", type=int, default=600)
+    parser.add_argument("--student-steps", type=int, default=400)
+    parser.add_argument("--teacher-size", default="128x2", help="hidden x layers of the BPE teacher")
+    parser.add_argument("--student-size", default="64x2", help="hidden x layers of the character student")
+    parser.add_argument("--bpe-vocab", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--max-prompt", type=int, default=160)
+    parser.add_argument("--max-response", type=int, default=64)
+    parser.add_argument(
+        "--runs",
+        default="uld,gold,gold:ce_weight=1",
+        help="comma-separated students: a loss at its reference defaults, or loss:knob=value[;knob=value]",
+    )
+    parser.add_argument("--baseline", action="store_true", help="also train the student with CE alone")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--teacher-path", default=None, help="a teacher this script trained before (same args)"
+    )
+    parser.add_argument("--workdir", default="runs/cross_tokenizer")
+    args = parser.parse_args()
+
+    import ray
+
+    ray.init(
+        address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    from kdray.data import arithmetic_splits
+    from kdray.train.trainer import distill
+
+    started = time.time()
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    train, held_out = arithmetic_splits(args.train_examples, args.eval_examples, args.seed, args.difficulty)
+    teacher_init, student_init = build_models(args, train, workdir)
+    rows: list[dict[str, Any]] = []
+
+    def report(name: str, path: str, t0: float, run: Any = None) -> None:
+        row = {"model": name, **score(path, held_out, args.max_response), "minutes": (time.time() - t0) / 60}
+        if run is not None:
+            row["final"] = {k: v for k, v in run.final.items() if "/" in k or k in ("loss", "eval_loss")}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    t0 = time.time()
+    sft = {"method": "sft"}
+    cfg = _config(args, model=teacher_init, teacher="tiny", objective=sft, steps=args.teacher_steps)
+    if args.teacher_path:  # trained by an earlier run with the same arguments: its init goes unused
+        teacher = str(Path(args.teacher_path).resolve())
+    else:
+        teacher = str(distill(cfg, train, held_out, workdir=workdir, name="teacher").export_path)
+    report("teacher (BPE, CE from scratch)", teacher, t0)
+    report("student at initialisation (characters)", student_init, time.time())
+    runs = [(spec, objective(spec)) for spec in args.runs.split(",") if spec]
+    if args.baseline:
+        runs.append(("sft", sft))
+    for name, student_objective in runs:
+        t0 = time.time()
+        cfg = _config(
+            args, model=student_init, teacher=teacher, objective=student_objective, steps=args.student_steps
+        )
+        label = "student-" + "".join(c if c.isalnum() or c in "._" else "-" for c in name)
+        run = distill(cfg, train, held_out, workdir=workdir, name=label, teacher_path=teacher)
+        report(f"student: {name}", str(run.export_path), t0, run)
+
+    print(f"\nheld-out: {args.eval_examples} examples; {(time.time() - started) / 60:.1f} minutes in all")
+    print("| model | exact match (%) | log-lik / token | minutes |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['exact_match']:.1f} | {r['loglik_per_token']:.3f} | {r['minutes']:.1f} |")
+    (workdir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
