@@ -151,13 +151,13 @@ def read_scoring_rows(path: str | Path, limit: int | None = None) -> tuple[str, 
     A row of the other kind, or one missing a field, is an error naming the file, row and field.
     """
     from kdray.data.preferences import pair_record
-    from kdray.data.readers import _raw_rows, _resolve
-    from kdray.data.records import MalformedRow, _text
+    from kdray.data.readers import raw_rows, resolve_files
+    from kdray.data.records import MalformedRow, text_field
 
     source = str(path)
-    fmt, files = _resolve(source, "auto", "train")
+    fmt, files = resolve_files(source, "auto", "train")
     kind, rows = "", []
-    for label, line_no, row in _raw_rows(fmt, source, files, "train", None):
+    for label, line_no, row in raw_rows(fmt, source, files, "train", None):
         if isinstance(row, MalformedRow):
             raise row
         if not isinstance(row, Mapping):
@@ -166,8 +166,8 @@ def read_scoring_rows(path: str | Path, limit: int | None = None) -> tuple[str, 
         if kind == "pairs":
             rows.append(pair_record(row, task="", source=label, line_no=line_no))
         else:
-            prompt = _text(row, ("prompt",), label, line_no)
-            response = _text(row, ("response",), label, line_no)
+            prompt = text_field(row, ("prompt",), label, line_no)
+            response = text_field(row, ("response",), label, line_no)
             rows.append({"prompt": prompt, "response": response})
         if limit is not None and len(rows) >= limit:
             break

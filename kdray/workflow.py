@@ -625,7 +625,7 @@ def run_workflow(cfg: Config, *, run_name: str | None = None) -> WorkflowResult:
 
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri, workdir)
         name = run_name or cfg.tracking.run_name or _default_run_name(cfg)
-        parent = Tracker(uri, cfg.tracking.experiment, run_name=name, tags=_lineage(cfg, git_commit()))
+        parent = Tracker(uri, cfg.tracking.experiment, run_name=name, tags=lineage_tags(cfg, git_commit()))
         parent.log_params(flatten(cfg_dict))
         parent.log_text(_yaml(cfg), "config.yaml")
         tracking = {
@@ -660,7 +660,7 @@ def _default_run_name(cfg: Config) -> str:
     return f"{cfg.objective.method}-{teacher}-to-{student}-{cfg.data.task}"
 
 
-def _lineage(cfg: Config, commit: str | None) -> dict[str, str]:
+def lineage_tags(cfg: Config, commit: str | None) -> dict[str, str]:
     """Tags that say where a student came from: teacher and revision, tokenizer, loss mixture, code."""
     mixture = " + ".join(f"{t.weight:g}*{t.name}" for t in cfg.objective.terms)
     tags = {

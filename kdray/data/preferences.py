@@ -192,20 +192,22 @@ def read_preferences(
     else the generator's default split size). Malformed rows are skipped and counted, or stop the read
     (`on_malformed="fail"`); no pair at all is an error.
     """
-    from kdray.data.readers import ReadResult, _check_not_empty, _raw_rows, _resolve
+    from kdray.data.readers import ReadResult, check_not_empty, raw_rows, read_generated, resolve_files
 
     if on_malformed not in ("skip", "fail"):
         raise ValueError(f"on_malformed={on_malformed!r} is not one of 'skip', 'fail'")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit!r} must be >= 1 (or None for all)")
     if source is None or format == "generated":
-        return _generated(task, source, split, limit, seed, difficulty)
+        return read_generated(
+            task, source, split, limit, seed, difficulty, arithmetic_pairs, "arithmetic pairs"
+        )
     source = os.fspath(source)
-    fmt, files = _resolve(source, format, split)
+    fmt, files = resolve_files(source, format, split)
     if fmt == "multi30k":
         raise ValueError(f"{source!r} is a Multi30k translation directory, not preference pairs")
     result = ReadResult(records=[], source=f"{source} ({fmt}, split {split!r}, preference pairs)")
-    for label, line_no, row in _raw_rows(fmt, source, files, split, subset):
+    for label, line_no, row in raw_rows(fmt, source, files, split, subset):
         try:
             if isinstance(row, MalformedRow):
                 raise row
@@ -220,7 +222,7 @@ def read_preferences(
         result.records.append(record)
         if limit is not None and len(result.records) >= limit:
             break
-    _check_not_empty(result)
+    check_not_empty(result)
     return result
 
 
@@ -238,25 +240,6 @@ def read_config_pairs(config: DataConfig, which: Literal["train", "eval"] = "tra
         task=config.task,
         seed=config.seed,
         difficulty=config.difficulty,
-    )
-
-
-def _generated(
-    task: str, source: Any, split: str, limit: int | None, seed: int, difficulty: int
-) -> ReadResult:
-    from kdray.data.arithmetic import DEFAULT_SIZES
-    from kdray.data.readers import ReadResult
-
-    if source is not None:
-        raise ValueError(f"format='generated' takes no source (got {source!r}); drop data.source")
-    if task != "arithmetic":
-        raise ValueError(f"only the 'arithmetic' task is generated; task {task!r} needs a data source")
-    if split not in DEFAULT_SIZES:
-        raise ValueError(f"generated arithmetic has splits {sorted(DEFAULT_SIZES)}, not {split!r}")
-    n = limit if limit is not None else DEFAULT_SIZES[split]
-    return ReadResult(
-        records=arithmetic_pairs(n, seed, difficulty, split=split),
-        source=f"generated arithmetic pairs (seed {seed}, difficulty {difficulty}, {split})",
     )
 
 

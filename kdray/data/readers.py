@@ -12,7 +12,7 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -200,7 +200,7 @@ def _hf_rows(source: str, subset: str | None, split: str, files: list[Path]) -> 
 # --- records -----------------------------------------------------------------------------------------
 
 
-def _raw_rows(
+def raw_rows(
     fmt: str, source: str, files: list[Path], split: str, subset: str | None
 ) -> Iterator[tuple[str, int, Any]]:
     """(file name, 1-based line/row number, raw row or MalformedRow) over every file of the source."""
@@ -234,7 +234,7 @@ def _local_files(source: str) -> list[Path]:
     return files
 
 
-def _resolve(source: str, format: str, split: str) -> tuple[str, list[Path]]:
+def resolve_files(source: str, format: str, split: str) -> tuple[str, list[Path]]:
     """The reader and its files for an explicit or `auto` format."""
     if format not in FORMATS:
         raise ValueError(f"data format {format!r} is not one of {FORMATS}")
@@ -283,13 +283,13 @@ def read_records(
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit!r} must be >= 1 (or None for all)")
     if source is None or format == "generated":
-        return _generated(task, source, split, limit, seed, difficulty)
+        return read_generated(task, source, split, limit, seed, difficulty)
     source = os.fspath(source)
-    fmt, files = _resolve(source, format, split)
+    fmt, files = resolve_files(source, format, split)
     if fmt == "multi30k" and task != "translation":
         raise ValueError(f"{source!r} is a Multi30k translation directory but the task is {task!r}")
     result = ReadResult(records=[], source=f"{source} ({fmt}, split {split!r})")
-    for label, line_no, row in _raw_rows(fmt, source, files, split, subset):
+    for label, line_no, row in raw_rows(fmt, source, files, split, subset):
         try:
             if isinstance(row, MalformedRow):
                 raise row
@@ -304,13 +304,23 @@ def read_records(
         result.records.append(record)
         if limit is not None and len(result.records) >= limit:
             break
-    _check_not_empty(result)
+    check_not_empty(result)
     return result
 
 
-def _generated(
-    task: str, source: Any, split: str, limit: int | None, seed: int, difficulty: int
+def read_generated(
+    task: str,
+    source: Any,
+    split: str,
+    limit: int | None,
+    seed: int,
+    difficulty: int,
+    generate: Callable[..., list[dict[str, Any]]] | None = None,
+    what: str = "arithmetic",
 ) -> ReadResult:
+    """The records of `format: generated`: `generate(n, seed, difficulty, split=split)` (default: the
+    arithmetic task's prompts and answers; the preference reader passes its pair generator), with the
+    checks both share: no source, only the arithmetic task, a known split."""
     from kdray.data.arithmetic import DEFAULT_SIZES, generate_arithmetic
 
     if source is not None:
@@ -320,13 +330,13 @@ def _generated(
     if split not in DEFAULT_SIZES:
         raise ValueError(f"generated arithmetic has splits {sorted(DEFAULT_SIZES)}, not {split!r}")
     n = limit if limit is not None else DEFAULT_SIZES[split]
-    records = generate_arithmetic(n, seed, difficulty, split=split)
+    records = (generate or generate_arithmetic)(n, seed, difficulty, split=split)
     return ReadResult(
-        records=records, source=f"generated arithmetic (seed {seed}, difficulty {difficulty}, {split})"
+        records=records, source=f"generated {what} (seed {seed}, difficulty {difficulty}, {split})"
     )
 
 
-def _check_not_empty(result: ReadResult) -> None:
+def check_not_empty(result: ReadResult) -> None:
     if result.records:
         return
     detail = (

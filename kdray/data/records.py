@@ -57,7 +57,7 @@ class MalformedRow(ValueError):
         return (type(self), (self.source, self.line_no, self.field, self.reason, self.fix))
 
 
-def _text(row: Mapping[str, Any], keys: tuple[str, ...], source: str, line_no: int) -> str:
+def text_field(row: Mapping[str, Any], keys: tuple[str, ...], source: str, line_no: int) -> str:
     """The first of `keys` present in the row, as a non-empty string (else MalformedRow on that key)."""
     key = next((k for k in keys if k in row), None)
     if key is None:
@@ -93,8 +93,8 @@ def gsm8k_record(
     row: Mapping[str, Any], *, source: str = "<row>", line_no: int = 1, prefix: str | None = None
 ) -> Record:
     """`{question, answer}` -> prompt = question, response = the full answer (chain of thought and `#### n`)."""
-    question = _text(row, ("question",), source, line_no)
-    answer_text = _text(row, ("answer",), source, line_no)
+    question = text_field(row, ("question",), source, line_no)
+    answer_text = text_field(row, ("answer",), source, line_no)
     final = parse_gsm8k_answer(answer_text)
     if final is None:
         raise MalformedRow(
@@ -113,8 +113,8 @@ def translation_record(
     """`{source, target}` or `{en, de}` (or HF's `{translation: {en, de}}`) -> prefixed source, target."""
     if isinstance(row.get("translation"), Mapping):  # the layout of the HF wmt*/multi30k datasets
         row = {**row, **row["translation"]}
-    text = _text(row, ("source", "en"), source, line_no)
-    target = _text(row, ("target", "de"), source, line_no)
+    text = text_field(row, ("source", "en"), source, line_no)
+    target = text_field(row, ("target", "de"), source, line_no)
     prefix = DEFAULT_PREFIXES["translation"] if prefix is None else prefix
     return {"prompt": prefix + text, "response": target, "answer": None, "id": _row_id(row)}
 
@@ -123,8 +123,8 @@ def summarization_record(
     row: Mapping[str, Any], *, source: str = "<row>", line_no: int = 1, prefix: str | None = None
 ) -> Record:
     """`{document, summary}` (XSum) or `{article, highlights}` (CNN/DailyMail) -> prefixed document, summary."""
-    document = _text(row, ("document", "article"), source, line_no)
-    summary = _text(row, ("summary", "highlights"), source, line_no)
+    document = text_field(row, ("document", "article"), source, line_no)
+    summary = text_field(row, ("summary", "highlights"), source, line_no)
     prefix = DEFAULT_PREFIXES["summarization"] if prefix is None else prefix
     return {"prompt": prefix + document, "response": summary, "answer": None, "id": _row_id(row)}
 

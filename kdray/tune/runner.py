@@ -250,14 +250,14 @@ def _parent_run(cfg: Config, run_name: str | None, run_id: str | None) -> tuple[
     if not cfg.tracking.enabled:
         return None, None
     from kdray.tracking import Tracker, flatten, git_commit, resolve_tracking_uri
-    from kdray.workflow import _lineage
+    from kdray.workflow import lineage_tags
 
     workdir = Path(cfg.workflow.workdir).expanduser().resolve()
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, workdir)
     if run_id is not None:
         parent = Tracker(uri, cfg.tracking.experiment, run_id=run_id)
     else:
-        tags = {**_lineage(cfg, git_commit()), "kdray.sweep": cfg.tune.name}
+        tags = {**lineage_tags(cfg, git_commit()), "kdray.sweep": cfg.tune.name}
         parent = Tracker(
             uri, cfg.tracking.experiment, run_name=run_name or f"sweep-{cfg.tune.name}", tags=tags
         )
