@@ -22,22 +22,30 @@ def _load(path: str, overrides: list[str]) -> Any:
         return None
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, quiet: bool = False) -> None:
     """Join `address` (or $RAY_ADDRESS, set inside a Ray job), else start a private local instance: a
-    plain `python workflows/xkd.py` never attaches to some other Ray cluster on the same machine."""
-    import ray
+    plain `python workflows/xkd.py` never attaches to some other Ray cluster on the same machine.
 
+    Every worker and actor starts with the driver's CPU kernel pins (`kdray.determinism`), so the
+    benchmarks and workflows that call this compute the same on any x86 machine. `quiet` (the
+    benchmarks) keeps workers' logs, Ray Data's progress bars and the dashboard out of the console.
+    """
     from kdray.determinism import pin_cpu_kernels
+
+    pins = pin_cpu_kernels()  # before anything imports torch, so this process computes like its workers
+    import ray
 
     if ray.is_initialized():
         return
-    # every worker and actor starts with the driver's CPU kernel pins (a cluster's nodes too)
-    runtime_env = {"env_vars": pin_cpu_kernels()}
+    options: dict = {"runtime_env": {"env_vars": pins}, "log_to_driver": not quiet}
+    if quiet:
+        options["include_dashboard"] = False
     target = address or os.environ.get("RAY_ADDRESS") or "local"
-    if target != "local":
-        ray.init(address=target, log_to_driver=True, runtime_env=runtime_env)
-        return
-    ray.init(address="local", num_cpus=local_cpus(), log_to_driver=True, runtime_env=runtime_env)
+    if target == "local":
+        options["num_cpus"] = local_cpus()
+    ray.init(address=target, **options)
+    if quiet:
+        ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def local_cpus() -> int:

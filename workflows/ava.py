@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -97,23 +96,16 @@ def main() -> None:
         print(report(Path(args.out)))
         return
 
-    from kdray.determinism import pin_cpu_kernels, provenance
+    from kdray.determinism import provenance
+    from kdray.run import init_ray
 
-    pins = pin_cpu_kernels()  # before torch loads: the same result on any x86 machine
+    init_ray(quiet=True)  # first, before torch loads: the CPU kernel pins make the result machine-independent
     import ray
 
     from kdray.data.preferences import arithmetic_pair_splits
     from kdray.reward import preference_accuracy
     from kdray.train.trainer import distill
 
-    ray.init(
-        address="local",
-        num_cpus=max(4, os.cpu_count() or 1),
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": pins},
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = _config(args)
     train, held_out = arithmetic_pair_splits(args.train_pairs, args.eval_pairs, args.seed, args.difficulty)
     started = time.time()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -163,21 +162,12 @@ def main() -> None:
         _write(args, list(latest.values()))
         return
 
-    from kdray.determinism import pin_cpu_kernels
+    from kdray.run import init_ray
 
-    pins = pin_cpu_kernels()  # before torch loads: the same rows on any x86 machine
-    import ray
-
-    # on-policy methods hold a TeacherPool and the Ray Data teacher scorers beside the training worker:
-    # three 1-CPU actors, which a 2-core machine can only run oversubscribed
-    ray.init(
-        address="local",
-        num_cpus=max(4, os.cpu_count() or 1),
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": pins},
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # first, before torch loads: the CPU kernel pins give the same rows on any x86 machine. On-policy
+    # methods hold a TeacherPool and the Ray Data teacher scorers beside the training worker: three
+    # 1-CPU actors, which a 2-core machine runs oversubscribed (init_ray's local Ray has >= 4 CPUs)
+    init_ray(quiet=True)
     from kdray.train.trainer import distill
 
     workdir = Path(args.workdir).resolve() / args.task

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -122,12 +121,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/cross_tokenizer")
     args = parser.parse_args()
 
-    import ray
+    from kdray.run import init_ray
 
-    ray.init(
-        address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(quiet=True)  # first, before torch loads: the CPU kernel pins make the result machine-independent
     from kdray.data import arithmetic_splits
     from kdray.train.trainer import distill
 

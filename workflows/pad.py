@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -88,22 +87,15 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/pad.jsonl", help="results file (one line per run)")
     args = parser.parse_args()
 
-    from kdray.determinism import pin_cpu_kernels, provenance
+    from kdray.determinism import provenance
+    from kdray.run import init_ray
 
-    pins = pin_cpu_kernels()  # before torch loads: the same result on any x86 machine
+    init_ray(quiet=True)  # first, before torch loads: the CPU kernel pins make the result machine-independent
     import ray
 
     from kdray.data import arithmetic_splits
     from kdray.train.trainer import distill
 
-    ray.init(
-        address="local",
-        num_cpus=max(4, os.cpu_count() or 1),
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": pins},
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
     workdir = Path(args.workdir).resolve()
     train, held_out = arithmetic_splits(args.train_examples, args.eval_examples, args.seed, args.difficulty)
     started = time.time()
