@@ -7,31 +7,24 @@ reward posterior's summed means. Neither reads anything of a teacher (`needs` is
 reads a signal), so the trainer builds no scorer, generator or pool and needs no teacher path.
 """
 
+from kdray.methods import xkd
 from kdray.methods.base import Method
 
-#: AVRIL's objective on the demonstration: imitation (cross-entropy) + TD-NLL + prior, unit weights, γ = 1
+#: AVRIL's objective on the demonstration: X-KD's term and reference defaults (imitation + TD-NLL +
+#: prior, unit weights, γ = 1) in its sequence variant, which imitates the data's own response and so
+#: reads no divergence or temperature
 _AVRIL = {
-    "name": "xkd",
-    "weight": 1.0,
+    **xkd.METHOD.terms[0],
     "params": {
+        **{k: v for k, v in xkd.METHOD.terms[0]["params"].items() if k not in ("divergence", "temperature")},
         "variant": "sequence",
-        "q_form": "logits",
-        "tau_q": 1.0,
-        "gamma": 1.0,
-        "lambda_td": 1.0,
-        "lambda_kl": 1.0,
-        "terminal": "drop",
-        "log_sigma_min": None,
-        "log_sigma_max": None,
-        "detach_head_input": False,
     },
 }
 
 _REFERENCE = "AVA; AVRIL, Chan & van der Schaar 2021, XanderJC/scalable-birl @223d030"
 
 _SHARED_DEVIATIONS = (
-    "Q is the student's LM head (Q = z/τ_Q over the vocabulary) and the reward posterior a "
-    "Linear(d→2) head on the final hidden state; AVRIL uses two separate MLPs.",
+    xkd.METHOD.deviations[0],  # the Q and reward heads, as in X-KD
     "The reward model is r(x, y) = Σ_t μ_t over the response's tokens (kdray.reward), exported with "
     "the student as reward_head.pt and registered in MLflow as `<name>-reward`.",
 )
