@@ -201,6 +201,9 @@ class DataConfig:
     """Training examples to use; None = all of the split."""
     eval_examples: int | None = 200
     """Evaluation examples to use; None = all of the split."""
+    holdout_fraction: float = 0.1
+    """When training and evaluation read the same rows (one file, or split == eval_split): the share of
+    rows held out for evaluation, chosen by a seeded hash of each prompt so no prompt is on both sides."""
     max_prompt_tokens: int = 256
     """Prompts longer than this are truncated from the left."""
     max_response_tokens: int = 256
@@ -225,6 +228,8 @@ class DataConfig:
         for name in ("num_examples", "eval_examples", "max_prompt_tokens", "max_response_tokens"):
             _at_least(self, name, 1)
         _at_least(self, "difficulty", 1)
+        if not 0.0 < self.holdout_fraction < 1.0:
+            _fail("data.holdout_fraction", self.holdout_fraction, "a fraction between 0 and 1 (exclusive)")
 
 
 @dataclass(frozen=True)

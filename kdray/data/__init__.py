@@ -8,7 +8,8 @@ imported inside the functions that use them, so the CLI and job entry points sta
 from typing import Any
 
 from kdray.data.arithmetic import arithmetic_splits, generate_arithmetic
-from kdray.data.readers import ReadResult, detect_format, read_config_split, read_records
+from kdray.data.holdout import read_config_split
+from kdray.data.readers import ReadResult, detect_format, read_records
 from kdray.data.records import (
     ADAPTERS,
     MalformedRow,

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from kdray.data.records import MalformedRow, Record, parse_gsm8k_answer
 
 if TYPE_CHECKING:
-    from kdray.config import DataConfig
     from kdray.data.readers import ReadResult
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "is_pair",
     "pair_record",
     "pair_rows",
-    "read_config_pairs",
     "read_preferences",
     "slip_answer",
 ]
@@ -224,23 +222,6 @@ def read_preferences(
             break
     check_not_empty(result)
     return result
-
-
-def read_config_pairs(config: DataConfig, which: Literal["train", "eval"] = "train") -> ReadResult:
-    """The pairs of `config.split` (train) or `config.eval_split` (eval) with the config's limits."""
-    if which not in ("train", "eval"):
-        raise ValueError(f"which={which!r} is not one of 'train', 'eval'")
-    return read_preferences(
-        config.source,
-        format=config.format,
-        split=config.split if which == "train" else config.eval_split,
-        limit=config.num_examples if which == "train" else config.eval_examples,
-        on_malformed=config.on_malformed,
-        subset=config.subset,
-        task=config.task,
-        seed=config.seed,
-        difficulty=config.difficulty,
-    )
 
 
 # --- generated pairs: a worked answer and its twin with one slip -------------------------------------

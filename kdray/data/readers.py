@@ -15,14 +15,11 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from kdray.data.records import ADAPTERS, MalformedRow, Record, adapt_row
 
-if TYPE_CHECKING:
-    from kdray.config import DataConfig
-
-__all__ = ["FORMATS", "ReadResult", "detect_format", "read_config_split", "read_records"]
+__all__ = ["FORMATS", "ReadResult", "detect_format", "read_records"]
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "multi30k", "hf", "generated")
 _BIG_FILE = 8 << 20  # show a progress bar (on a TTY only) for files larger than this
@@ -345,25 +342,3 @@ def check_not_empty(result: ReadResult) -> None:
         else ""
     )
     raise ValueError(f"no records read from {result.source}: the source is empty{detail}")
-
-
-def read_config_split(config: DataConfig, which: Literal["train", "eval"] = "train") -> ReadResult:
-    """Builder: the records of `config.split` (train) or `config.eval_split` (eval) with the config's limits
-    (preference pairs with `data.preferences`, see `kdray.data.preferences`)."""
-    if which not in ("train", "eval"):
-        raise ValueError(f"which={which!r} is not one of 'train', 'eval'")
-    if config.preferences:
-        from kdray.data.preferences import read_config_pairs
-
-        return read_config_pairs(config, which)
-    return read_records(
-        config.task,
-        config.source,
-        format=config.format,
-        split=config.split if which == "train" else config.eval_split,
-        limit=config.num_examples if which == "train" else config.eval_examples,
-        on_malformed=config.on_malformed,
-        subset=config.subset,
-        seed=config.seed,
-        difficulty=config.difficulty,
-    )
