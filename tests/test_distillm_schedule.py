@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+import torch
 
 from kdray.train.onpolicy import AdaptiveOffPolicy, ReplayBuffer
 
@@ -162,7 +165,10 @@ def test_state_dict_reproduces_the_next_samples():
     buf.add_batch(sampled_rows(4, [5, 3, 4]))
     buf.sample_batch(3, PAD)  # advance the RNG
     other = ReplayBuffer(capacity=1, seed=99)
-    other.load_state_dict(buf.state_dict())
+    saved = io.BytesIO()  # through a checkpoint, which kdray loads without unpickling objects
+    torch.save(buf.state_dict(), saved)
+    saved.seek(0)
+    other.load_state_dict(torch.load(saved, weights_only=True))
     assert len(other) == 6 and other.capacity == 6
     for _ in range(3):
         a, b = buf.sample_batch(4, PAD), other.sample_batch(4, PAD)

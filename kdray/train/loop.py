@@ -163,7 +163,7 @@ def _restore(student: Student, optimizer: Any, scheduler: Any, state: _State, se
     if checkpoint is None:
         return
     with checkpoint.as_directory() as directory:
-        saved = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=False)
+        saved = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
     student.load_state_dict(saved["student"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

@@ -230,13 +230,33 @@ class ReplayBuffer:
         return regularize_batch(batch, pad_id)
 
     def state_dict(self) -> dict[str, Any]:
-        """Contents and RNG state, for checkpoints."""
-        return {"rows": list(self.rows), "capacity": self.capacity, "rng": self.rng.bit_generator.state}
+        """Contents and RNG state, for checkpoints: numeric columns as tensors and text as lists, so a
+        checkpoint loads with `torch.load(weights_only=True)` (no pickled numpy objects)."""
+        return {
+            "rows": [{key: _to_safe(value) for key, value in row.items()} for row in self.rows],
+            "capacity": self.capacity,
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict()`."""
-        self.rows = deque(state["rows"], maxlen=int(state["capacity"]))
+        rows = ({key: _from_safe(value) for key, value in row.items()} for row in state["rows"])
+        self.rows = deque(rows, maxlen=int(state["capacity"]))
         self.rng.bit_generator.state = state["rng"]
+
+
+def _to_safe(value: np.ndarray) -> Any:
+    """A replay column in a form `torch.load(weights_only=True)` accepts: a tensor, or a plain list."""
+    value = np.asarray(value)
+    if value.dtype.kind in "biuf":
+        return torch.from_numpy(value.copy())  # a copy keeps 0-d rows 0-d (ascontiguousarray would not)
+    return {"list": value.tolist(), "dtype": value.dtype.str}
+
+
+def _from_safe(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    return np.array(value["list"], dtype=np.dtype(value["dtype"]))
 
 
 REPLAY_SCHEDULES = ("decreasing", "constant", "increasing")
