@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--run-name", default=None, help="MLflow name of the workflow's parent run")
     run.add_argument("--fresh", action="store_true", help="ignore finished steps and run everything again")
+    run.add_argument(
+        "--explain",
+        action="store_true",
+        help="say which steps would be reused and why the others would run (changed config section, "
+        "file contents, code or input step); run nothing",
+    )
     sweep = sub.add_parser(
         "sweep", help="Ray Tune search over the config's tune.search_space (resumes an interrupted sweep)"
     )

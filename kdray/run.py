@@ -59,7 +59,8 @@ def local_cpus() -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run the workflow of `args.config`; print the evaluation table and where the MLflow run lives."""
+    """Run the workflow of `args.config`; print the evaluation table and where the MLflow run lives.
+    With `--explain`, only print which steps would be reused and why the others would run."""
     cfg = _load(args.config, list(args.overrides))
     if cfg is None:
         return 2
@@ -67,6 +68,12 @@ def run_command(args: argparse.Namespace) -> int:
         from kdray.config import with_overrides
 
         cfg = with_overrides(cfg, {"workflow.resume": False})
+    if getattr(args, "explain", False):  # keys only: no Ray, no step runs
+        from kdray.workflow import explain_steps
+
+        for line in explain_steps(cfg):
+            print(line)
+        return 0
     init_ray(args.address)
     from kdray.workflow import run_workflow
 

@@ -5,8 +5,10 @@
                                                         waits for the teacher pass only for its cores)
 
 Each step takes flat inputs (the config, the outputs of the steps it depends on) and writes one artifact
-directory, `<cache_dir>/<step>-<key>`, whose key hashes the config sections the step reads, the keys of
-its inputs and the package version. A step's directory counts as finished only once its `_DONE.json`
+directory, `<cache_dir>/<step>-<key>`, whose key hashes the config sections the step reads, the contents
+of the local files it reads (data, checkpoints), the keys of its inputs and the package's code; the
+directory's `_KEY.json` records those components, so `kdray run --explain` can say why a step will run
+again. A step's directory counts as finished only once its `_DONE.json`
 (written last, holding the step's outputs) exists, so re-running the workflow skips finished steps and a
 run killed in the middle starts again at the step it died in; inside `distill`, Ray Train resumes from
 the step's last checkpoint. Changing a config section re-runs exactly the steps that read it and the
@@ -47,7 +49,17 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "register": ("tracking.registered_model", "tracking.experiment"),
 }
+#: the config fields naming local files a step reads: its key hashes their contents (hub ids: nothing)
+STEP_FILES: dict[str, tuple[str, ...]] = {
+    "data": ("data.source",),  # every later step reads the data through the data step's key
+    "teacher": ("teacher.name_or_path",),
+    "distill": ("model.name_or_path",),
+    "baseline": ("model.name_or_path",),
+}
+#: values of `*.name_or_path` that name no file: models built in code, the teacher's resolved model
+_NOT_FILES = ("tiny", "teacher")
 DONE = "_DONE.json"
+KEY = "_KEY.json"
 
 
 @dataclass(frozen=True)
@@ -85,15 +97,51 @@ def _section(cfg_dict: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def step_key(step: str, cfg: Config, inputs: Sequence[StepResult]) -> str:
-    """Hash of the step name, the config sections it reads, its inputs' keys and the package version."""
-    from kdray.data.cache import fingerprint
+def key_components(step: str, cfg: Config, inputs: Sequence[StepResult]) -> dict[str, Any]:
+    """What a step's cache key hashes, by name: a hash per config section it reads (STEP_SECTIONS), the
+    content fingerprint per file field it reads (STEP_FILES; None for a hub id or a model built in code),
+    the package's code fingerprint and version, and its inputs' (step, key) pairs. Recorded in the step
+    directory's `_KEY.json`, where `explain_steps` finds what changed since."""
+    from kdray.data.cache import code_fingerprint, content_fingerprint, fingerprint
 
     d = config_to_dict(cfg)
-    sections = {name: _section(d, name) for name in STEP_SECTIONS[step]}
+    sections = {name: fingerprint([_section(d, name)])[:16] for name in STEP_SECTIONS[step]}
     if step == "teacher_outputs":  # of the objective, only what changes the teacher's outputs: a sweep
-        sections["outputs"] = teacher_outputs_wanted(cfg)  # over loss weights reuses one teacher pass
-    return fingerprint([step, sections, [i.key for i in inputs], __version__])[:16]
+        wanted = teacher_outputs_wanted(cfg)  # over loss weights reuses one teacher pass
+        sections["objective.teacher_outputs"] = fingerprint([wanted])[:16]
+    files: dict[str, str | None] = {}
+    for name in STEP_FILES.get(step, ()):
+        value = _section(d, name)
+        model_in_code = name.endswith(".name_or_path") and value in _NOT_FILES
+        files[name] = None if model_in_code else content_fingerprint(value)
+    return {
+        "step": step,
+        "sections": sections,
+        "files": files,
+        "code": code_fingerprint(),
+        "version": __version__,
+        "inputs": [[i.step, i.key] for i in inputs],
+    }
+
+
+def key_of(components: Mapping[str, Any]) -> str:
+    """The cache key of a step from its `key_components`."""
+    from kdray.data.cache import fingerprint
+
+    return fingerprint([components])[:16]
+
+
+def step_key(step: str, cfg: Config, inputs: Sequence[StepResult]) -> str:
+    """Hash of the step name, the config sections and file contents it reads, its inputs' keys and the
+    package's code (see `key_components`)."""
+    return key_of(key_components(step, cfg, inputs))
+
+
+def explain_steps(cfg: Config) -> list[str]:
+    """One line per step of the DAG, in order: `reused` or `will run` and why (`kdray run --explain`)."""
+    from kdray.workflow_explain import explain_steps as explain
+
+    return explain(cfg)
 
 
 def teacher_outputs_wanted(cfg: Config) -> dict[str, Any]:
@@ -155,7 +203,13 @@ def data_step(ctx: StepContext) -> dict[str, Any]:
 def teacher_step(ctx: StepContext, data: StepResult) -> dict[str, Any]:
     """Resolve the teacher: a given model is checked (tokenizer and config load, no weights), `tiny`
     means train one from scratch with plain cross-entropy on the training split (self-contained tasks)."""
+    from kdray.train.trainer import reads_teacher
+
     t = ctx.cfg.teacher
+    if t.name_or_path == "tiny" and ctx.cfg.model.name_or_path != "teacher" and not reads_teacher(ctx.cfg):
+        reason = f"method {ctx.cfg.objective.method!r} reads nothing of a teacher and the student is not cut from one"
+        print(f"[teacher] not trained: {reason}", flush=True)
+        return {"path": None, "revision": None, "skipped": reason}
     if t.name_or_path != "tiny":
         from kdray.models.loading import load_model_config, load_tokenizer
 
@@ -308,7 +362,7 @@ def evaluate_step(
     records = _records(data.outputs["eval"])
     prompts = [r["prompt"] for r in records]
     new_tokens = cfg.workflow.eval_max_new_tokens or cfg.data.max_response_tokens
-    models = {"teacher": ("teacher", teacher.outputs["path"])}
+    models = {"teacher": ("teacher", teacher.outputs["path"])} if teacher.outputs.get("path") else {}
     if baseline is not None:
         models["baseline"] = ("student (SFT only)", baseline.outputs["student"])
     models["student"] = (f"student ({cfg.objective.method})", student.outputs["student"])
@@ -443,7 +497,8 @@ def run_step(
     tracking = options.get("tracking")
     cfg = config_from_dict(cfg_dict)
     present = [i for i in inputs if i is not None]
-    key = step_key(step, cfg, present)
+    components = key_components(step, cfg, present)
+    key = key_of(components)
     directory = cache_root(cfg) / f"{step}-{key}"
     started = time.time()
     recorded = finished(directory) if cfg.workflow.resume else None
@@ -458,6 +513,7 @@ def run_step(
                 shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True, exist_ok=True)
             (directory / DONE).unlink(missing_ok=True)
+            _atomic_write(directory / KEY, json.dumps(components, indent=1))
             ctx = StepContext(step, key, directory, cfg, tracker, bool(options.get("progress")))
             outputs = STEPS[step](ctx, *inputs)
             _atomic_write(directory / DONE, json.dumps(outputs, indent=1, default=str))
@@ -506,6 +562,30 @@ def _step_task() -> tuple[Any, Any]:
     return here, ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_step)
 
 
+def dag_steps(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
+    """The steps of the workflow for `cfg`, in order, each with the steps whose results it receives: the
+    one wiring `build_dag` runs and `kdray run --explain` keys (ordering-only edges are `build_dag`'s,
+    and stay out of the keys, as in `run_step`)."""
+    wanted = set(cfg.workflow.steps)
+    steps: list[tuple[str, tuple[str, ...]]] = [
+        ("data", ()),
+        ("teacher", ("data",)),
+        ("teacher_outputs", ("data", "teacher")),
+        ("distill", ("data", "teacher", "teacher_outputs")),
+    ]
+    baseline = cfg.workflow.baseline and "evaluate" in wanted
+    last = "distill"
+    if baseline:
+        steps.append(("baseline", ("data", "teacher")))
+        last = "baseline"
+    if "evaluate" in wanted:
+        steps.append(("evaluate", ("data", "teacher", "distill", *(("baseline",) if baseline else ()))))
+        last = "evaluate"
+    if "register" in wanted:
+        steps.append(("register", ("distill", last)))
+    return steps
+
+
 def build_dag(cfg: Config, tracking: dict[str, Any] | None = None, *, progress: bool = False) -> Any:
     """The workflow as a Ray DAG (`.bind()`); `.execute()` returns the ObjectRef of every step's result.
 
@@ -519,31 +599,23 @@ def build_dag(cfg: Config, tracking: dict[str, Any] | None = None, *, progress: 
 
     here, task = _step_task()
     d = config_to_dict(cfg)
-    wanted = set(cfg.workflow.steps)
     options = {"tracking": tracking, "progress": progress}
 
     def node(step: str, *inputs: Any) -> Any:
         return task.options(name=f"kdray:{step}").bind(step, d, options, *inputs)
 
-    data = node("data")
-    teacher = node("teacher", data)
-    outputs = node("teacher_outputs", data, teacher)
-    student = node("distill", data, teacher, outputs)
-    last = student
-    baseline = None
-    if cfg.workflow.baseline and "evaluate" in wanted:
-        train_cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
-        side_by_side = ray.cluster_resources().get("CPU", 0.0) >= 2 * train_cpus + 1
-        # beside the student, not beside the teacher pass: that one holds the teacher's cores
-        baseline = node("baseline", data, teacher, _after(outputs if side_by_side else student))
-        last = baseline
-    nodes = [data, teacher, outputs, student] + ([baseline] if baseline is not None else [])
-    if "evaluate" in wanted:
-        last = node("evaluate", data, teacher, student, baseline)
-        nodes.append(last)
-    if "register" in wanted:
-        nodes.append(node("register", student, last))
-    return ray.remote(num_cpus=0, scheduling_strategy=here)(_gather).bind(*nodes)
+    nodes: dict[str, Any] = {}
+    for step, inputs in dag_steps(cfg):
+        args = [nodes[i] for i in inputs]
+        if step == "baseline":
+            train_cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
+            side_by_side = ray.cluster_resources().get("CPU", 0.0) >= 2 * train_cpus + 1
+            # beside the student, not beside the teacher pass: that one holds the teacher's cores
+            args.append(_after(nodes["teacher_outputs" if side_by_side else "distill"]))
+        if step == "evaluate" and "baseline" not in inputs:
+            args.append(None)  # the evaluate step's baseline argument
+        nodes[step] = node(step, *args)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(_gather).bind(*nodes.values())
 
 
 def run_teacher_steps(cfg: Config, tracking: dict[str, Any] | None = None) -> list[StepResult]:

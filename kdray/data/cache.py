@@ -3,12 +3,18 @@
 Keyed by everything that changes the signal (ARCHITECTURE.md): teacher id + revision, tokenizer, k,
 temperature, the data, and the package version. A cache entry counts only once its `_SUCCESS` file
 exists, written after every row landed, so an interrupted write is never read as complete.
+
+`content_fingerprint` and `code_fingerprint` identify local files (data, checkpoints) and the package's
+code by content: the workflow's step keys hash them, so an edited file or module re-runs what it feeds.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -32,6 +38,101 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Identity of a tokenizer by its vocabulary (ids and pieces) and chat template."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return fingerprint([vocab, getattr(tokenizer, "chat_template", None)])
+
+
+# memo of file digests: (resolved path, size, mtime_ns) -> sha256, so a checkpoint hashed by two steps (or
+# two trials' keys) of one process is read once; an edit changes the size or the mtime and misses the memo
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+_CHUNK = 1 << 20
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of one file's bytes, memoised per process by (resolved path, size, mtime_ns)."""
+    resolved = path.resolve()
+    stat = resolved.stat()
+    memo = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    digest = _FILE_DIGESTS.get(memo)
+    if digest is None:
+        h = hashlib.sha256()
+        with resolved.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        digest = _FILE_DIGESTS[memo] = h.hexdigest()
+    return digest
+
+
+def _tree_files(root: Path) -> list[tuple[str, Path]]:
+    """(path relative to `root`, path) of every file under the directory `root`, hidden ones skipped."""
+    found = []
+    for here, dirs, files in os.walk(root, followlinks=True):  # HF snapshots are trees of symlinks
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            path = Path(here) / name
+            if not name.startswith(".") and path.is_file():
+                found.append((path.relative_to(root).as_posix(), path))
+    return found
+
+
+def _digest_files(files: Iterable[tuple[str, Path]]) -> str:
+    """sha256 over (relative path, file sha256) of each file, sorted by relative path."""
+    h = hashlib.sha256()
+    for rel, path in sorted(files, key=lambda pair: pair[0]):
+        h.update(f"{rel}\0{_file_digest(path)}\n".encode())
+    return h.hexdigest()
+
+
+def content_fingerprint(source: str | os.PathLike[str] | None) -> str | None:
+    """The identity of the local data a config field names, by content: what a workflow step's cache key
+    hashes besides the config, so editing a data file (or retraining a checkpoint in place) re-runs the
+    steps that read it instead of reusing outputs computed from the old bytes.
+
+    A file: sha256 of its bytes (not its path: a copy hashes the same). A directory: sha256 over
+    (relative path, file sha256) of every file under it, sorted, hidden files and directories skipped.
+    A glob (`*`, `?`, `[`): the matched files hashed the same way, relative to the pattern's fixed
+    prefix. None for None and for anything that is not a local path (a hub id such as `org/name`).
+    File digests are memoised per process by (resolved path, size, mtime_ns).
+    """
+    if source is None:
+        return None
+    text = os.path.expanduser(os.fspath(source))
+    if any(c in text for c in "*?["):
+        parts = Path(text).parts
+        fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+        root = Path(*parts[:fixed]) if fixed else Path(".")
+        files: list[tuple[str, Path]] = []
+        for match in sorted(glob.glob(text, recursive=True)):
+            path = Path(match)
+            if path.is_dir():
+                rel = path.relative_to(root).as_posix()
+                files.extend((f"{rel}/{inner}", p) for inner, p in _tree_files(path))
+            elif path.is_file():
+                files.append((path.relative_to(root).as_posix(), path))
+        return _digest_files(files)
+    path = Path(text)
+    if path.is_file():
+        return _file_digest(path)
+    if path.is_dir():
+        return _digest_files(_tree_files(path))
+    return None
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """The code version that produced a cached output: sha256 over the sorted relative paths and bytes of
+    every `.py` file of the installed `kdray` package. Unlike `__version__`, it changes with every edit,
+    so a step's cache is not reused across a code change that may change its outputs. Memoised."""
+    import kdray
+
+    package = Path(kdray.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py"), key=lambda p: p.relative_to(package).as_posix()):
+        rel = path.relative_to(package)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        data = path.read_bytes()
+        h.update(f"{rel.as_posix()}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
 
 
 def signal_cache_key(

@@ -128,6 +128,19 @@ def needs_pool(cfg: Any) -> bool:
     return cfg.objective.on_policy_fraction > 0 or get_method(cfg.objective.method).data == "adaptive"
 
 
+def reads_teacher(cfg: Any) -> bool:
+    """Whether training reads anything of a teacher: a signal, its generations, on-policy scores, its
+    rewards (PAD's judge) or a cross-tokenizer signal. SFT and AVA do not, so the workflow trains no
+    teacher for them unless the student is cut from it."""
+    return bool(
+        needs_signal(cfg)
+        or needs_generations(cfg)
+        or needs_pool(cfg)
+        or get_method(cfg.objective.method).needs
+        or cfg.objective.cross_tokenizer
+    )
+
+
 def build_datasets(
     cfg: Any,
     train_records: Sequence[Mapping[str, Any]],

@@ -90,6 +90,7 @@ def run_sweep(
     """
     from ray import tune
 
+    from kdray.teacher.preflight import student_tokenizer_path
     from kdray.train.trainer import worker_resources
     from kdray.tune.space import (
         check_shared_teacher_pass,
@@ -128,13 +129,13 @@ def run_sweep(
             "train": data.outputs["train"],
             "eval": data.outputs["eval"],
             "teacher_path": teacher.outputs["path"],
-            "tokenizer_path": teacher.outputs["path"],
+            "tokenizer_path": student_tokenizer_path(cfg, teacher.outputs["path"]),
             "signal_cache": outputs.outputs.get("signal_cache"),
             "cache_dir": outputs.outputs.get("cache_dir"),
             "sweep_dir": str(directory),
             "teacher_passes": passes,
         }
-        pool = _shared_pool(cfg, teacher.outputs["path"])
+        pool = _shared_pool(cfg, teacher.outputs["path"]) if teacher.outputs["path"] else None
         fn = tune.with_parameters(
             trainable or run_trial,
             base=config_to_dict(cfg),
