@@ -3,8 +3,12 @@
     python workflows/cross_tokenizer.py --baseline   # 34 minutes on 2 CPU cores shared with other jobs
     python workflows/cross_tokenizer.py --runs uld --student-steps 100   # fewer, shorter students
     python workflows/cross_tokenizer.py --teacher-path runs/cross_tokenizer/teacher/student  # reuse it
+    python workflows/cross_tokenizer.py --report     # the table of benchmarks/cross_tokenizer.jsonl
 
-Results and what they say: docs/cross_tokenizer.md.
+Each finished model appends a row to `--out` (default benchmarks/cross_tokenizer.jsonl) with its seed,
+commit, CPU, threads and the arguments that shape it; a re-run with the same arguments skips the rows
+it finds (the teacher's row too, when its checkpoint is still in the workdir). Results and what they
+say: docs/cross_tokenizer.md.
 
 The teacher and the student tokenise the arithmetic task differently: the teacher with a byte-level BPE
 trained here on the task's text (SmolLM2-style: "Ġ" spaces, digits one by one, a ChatML template), the
@@ -24,6 +28,43 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+
+TEACHER = "teacher (BPE, CE from scratch)"
+INIT = "student at initialisation (characters)"
+
+
+def _shape(args: argparse.Namespace) -> str:
+    """The arguments that shape the rows (not where they go, which students run, or a reused teacher)."""
+    skip = {"out", "report", "runs", "baseline", "teacher_path", "workdir"}
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items()) if k not in skip)
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
+
+
+def report_table(path: Path) -> str:
+    """The latest run in `path` (the rows sharing the arguments of its last row) as a markdown table."""
+    rows = _read(path)
+    if not rows:
+        return f"{path}: no rows yet"
+    shape = rows[-1].get("args")
+    latest = {r["model"]: r for r in rows if r.get("args") == shape}
+    lines = ["| model | exact match (%) | log-lik / token | minutes |", "|---|---:|---:|---:|"]
+    for r in latest.values():
+        lines.append(
+            f"| {r['model']} | {r['exact_match']:.1f} | {r['loglik_per_token']:.3f} | {r['minutes']:.1f} |"
+        )
+    commits = ", ".join(sorted({str(r.get("commit")) for r in latest.values()}))
+    first = next(iter(latest.values()))
+    lines += [
+        "",
+        f"`python workflows/cross_tokenizer.py {shape}`; seed {first.get('seed')}; commit {commits}; "
+        f"{first.get('cpu')}, {first.get('threads')} threads, kernels {first.get('cpu_kernels')}.",
+    ]
+    return "\n".join(lines)
 
 
 def _config(
@@ -119,12 +160,19 @@ def main() -> None:
         "--teacher-path", default=None, help="a teacher this script trained before (same args)"
     )
     parser.add_argument("--workdir", default="runs/cross_tokenizer")
+    parser.add_argument("--out", default="benchmarks/cross_tokenizer.jsonl", help="results rows (appended)")
+    parser.add_argument("--report", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.report:
+        print(report_table(out))
+        return
 
     from kdray.run import init_ray
 
     init_ray(quiet=True)  # first, before torch loads: the CPU kernel pins make the result machine-independent
     from kdray.data import arithmetic_splits
+    from kdray.determinism import provenance
     from kdray.train.trainer import distill
 
     started = time.time()
@@ -132,28 +180,44 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     train, held_out = arithmetic_splits(args.train_examples, args.eval_examples, args.seed, args.difficulty)
     teacher_init, student_init = build_models(args, train, workdir)
+    shape = _shape(args)
+    done = {r["model"]: r for r in _read(out) if r.get("args") == shape}
+    stamp = {**provenance(args.seed), "args": shape}
     rows: list[dict[str, Any]] = []
 
     def report(name: str, path: str, t0: float, run: Any = None) -> None:
         row = {"model": name, **score(path, held_out, args.max_response), "minutes": (time.time() - t0) / 60}
         if run is not None:
             row["final"] = {k: v for k, v in run.final.items() if "/" in k or k in ("loss", "eval_loss")}
+        row = {**row, **stamp}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     t0 = time.time()
     sft = {"method": "sft"}
     cfg = _config(args, model=teacher_init, teacher="tiny", objective=sft, steps=args.teacher_steps)
+    trained = workdir / "teacher" / "student"  # where `distill` exports the teacher run's model
     if args.teacher_path:  # trained by an earlier run with the same arguments: its init goes unused
         teacher = str(Path(args.teacher_path).resolve())
+    elif TEACHER in done and (trained / "config.json").is_file():
+        teacher = str(trained)
     else:
         teacher = str(distill(cfg, train, held_out, workdir=workdir, name="teacher").export_path)
-    report("teacher (BPE, CE from scratch)", teacher, t0)
-    report("student at initialisation (characters)", student_init, time.time())
+    for name, path in ((TEACHER, teacher), (INIT, student_init)):
+        if name in done:
+            rows.append(done[name])
+        else:
+            report(name, path, t0 if name == TEACHER else time.time())
     runs = [(spec, objective(spec)) for spec in args.runs.split(",") if spec]
     if args.baseline:
         runs.append(("sft", sft))
     for name, student_objective in runs:
+        if f"student: {name}" in done:
+            rows.append(done[f"student: {name}"])
+            continue
         t0 = time.time()
         cfg = _config(
             args, model=student_init, teacher=teacher, objective=student_objective, steps=args.student_steps
@@ -163,10 +227,7 @@ def main() -> None:
         report(f"student: {name}", str(run.export_path), t0, run)
 
     print(f"\nheld-out: {args.eval_examples} examples; {(time.time() - started) / 60:.1f} minutes in all")
-    print("| model | exact match (%) | log-lik / token | minutes |\n|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['model']} | {r['exact_match']:.1f} | {r['loglik_per_token']:.3f} | {r['minutes']:.1f} |")
-    (workdir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    print(report_table(out))
 
 
 if __name__ == "__main__":

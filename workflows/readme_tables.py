@@ -1,0 +1,124 @@
+"""Regenerate the README's results tables from the results files (JSONL) the benchmarks write.
+
+    python workflows/readme_tables.py           # rewrite the tables in README.md in place
+    python workflows/readme_tables.py --check   # exit 1, naming the table, when one differs from its file
+
+Why: a number in the README must come from a results file written by a command the README gives. Each
+table sits between `<!-- table: NAME -->` and `<!-- /table -->` and is rendered here from its file
+(`TABLES`); the prose around it is the README's own. `tests/test_readme_tables.py` runs the check, so a
+results file committed without its table (or a hand-edited table) fails the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: benchmark_methods' row names -> what the README calls them (a row not listed keeps its own name)
+LABELS = {
+    "student: sft": "student, SFT only",
+    "student: supervised_kd": "supervised KD (forward KL)",
+    "student: seqkd": "SeqKD",
+    "student: taid": "TAID",
+    "student: gkd": "GKD (JSD β=0.5, λ=0.5)",
+    "student: distillm": "DistiLLM (skew KL α=0.1, adaptive off-policy)",
+    "student: minillm": "MiniLLM (teacher-mixed sampling, 4 PPO epochs)",
+    "student: pad": "PAD (ranked by the teacher's log-prob)",
+    "student: xkd-divergence": "X-KD, divergence variant, `q_form: logits` (default)",
+    "student: xkd-divergence-logprobs": "X-KD, divergence variant, `q_form: logprobs`",
+    "student: xkd-sequence": "X-KD, sequence variant (teacher generations)",
+}
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def methods_table(path: Path, metric: str) -> str:
+    """The latest run of `workflows/benchmark_methods.py` in `path`: the rows that share the arguments of
+    the file's last row (a later run under other arguments replaces the table), one per model."""
+    rows = _rows(path)
+    shape = rows[-1].get("args")
+    latest = {r["model"]: r for r in rows if r.get("args") == shape}
+    lines = [f"| model | {metric} | held-out CE | minutes |", "|---|---:|---:|---:|"]
+    for r in latest.values():
+        loss = f"{r['final_eval_loss']:.3f}" if r.get("final_eval_loss") is not None else ""
+        label = LABELS.get(r["model"], r["model"])
+        lines.append(f"| {label} | {r['score']:.1f} | {loss} | {r['minutes']:.1f} |")
+    commits = ", ".join(sorted({str(r.get("commit", "?")) for r in latest.values()}))
+    machines = "; ".join(
+        sorted({f"{r.get('cpu', '?')}, {r.get('threads', '?')} threads" for r in latest.values()})
+    )
+    seeds = ", ".join(sorted({str(r.get("seed", "?")) for r in latest.values()}))
+    lines += [
+        "",
+        f"From `{path.name}`: `python workflows/benchmark_methods.py {shape}`; seed {seeds}; "
+        f"commit {commits}; {machines}.",
+    ]
+    return "\n".join(lines)
+
+
+def _workflow(name: str) -> Any:
+    """A sibling script as a module (the workflows directory is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"kdray_workflow_{name}", ROOT / "workflows" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+#: table name -> how to render it from its results file
+TABLES: dict[str, Callable[[], str]] = {
+    "arithmetic": lambda: methods_table(ROOT / "BENCHMARKS_methods.jsonl", "exact match (%)"),
+    "multi30k": lambda: methods_table(ROOT / "BENCHMARKS_multi30k.jsonl", "sacreBLEU"),
+    "ava": lambda: _workflow("ava").report(ROOT / "benchmarks" / "ava.jsonl"),
+}
+
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table -->)", re.S)
+
+
+def render(text: str) -> tuple[str, list[str]]:
+    """`text` with every table block regenerated, and the names of the blocks that changed."""
+    changed: list[str] = []
+
+    def fill(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise KeyError(f"README table {name!r} has no renderer; known: {sorted(TABLES)}")
+        body = TABLES[name]().strip()
+        if body != match["body"].strip():
+            changed.append(name)
+        return f"{match[1]}{body}\n{match[4]}"
+
+    return BLOCK.sub(fill, text), changed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--check", action="store_true", help="only report tables that differ (exit 1)")
+    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = parser.parse_args()
+    readme = Path(args.readme)
+    text, changed = render(readme.read_text())
+    if args.check:
+        for name in changed:
+            print(
+                f"{readme}: table {name!r} differs from its results file; run python workflows/readme_tables.py"
+            )
+        return 1 if changed else 0
+    readme.write_text(text)
+    print(f"{readme}: regenerated {', '.join(changed) or 'nothing (all tables current)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
