@@ -22,16 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
         "config",
         help="load and check a YAML config (with overrides); print it with the method's terms resolved",
     )
-    check.add_argument("path", help="YAML config file")
-    check.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    _config_args(check, "`kdray config PATH` works too")
     check.add_argument(
         "--resolved", action="store_true", help="also say what the method needs and the teacher's temperature"
     )
     methods = sub.add_parser("methods", help="the distillation methods kdray trains, from their declarations")
     methods.add_argument("--json", action="store_true", help="a JSON list, one object per method")
     run = sub.add_parser("run", help="run (or resume) the workflow of a config: data → ... → register")
-    run.add_argument("--config", required=True, help="YAML config file (see workflows/configs/)")
-    run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=50")
+    _config_args(run, "see workflows/configs/")
     run.add_argument(
         "--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)"
     )
@@ -46,18 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser(
         "sweep", help="Ray Tune search over the config's tune.search_space (resumes an interrupted sweep)"
     )
-    sweep.add_argument("--config", required=True, help="YAML config with a tune: section")
-    sweep.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. tune.num_samples=16")
+    _config_args(sweep, "with a tune: section")
     sweep.add_argument(
         "--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)"
     )
     sweep.add_argument("--run-name", default=None, help="MLflow name of the sweep's parent run")
     ev = sub.add_parser("eval", help="score saved models on the held-out split of a config (or on --data)")
-    ev.add_argument("models", nargs="+", help="model directories (HF checkpoints, e.g. an exported student)")
-    ev.add_argument("--config", required=True, help="YAML config naming the task and its data")
     ev.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
-    )
+        "models", nargs="+",
+        help="model directories (HF checkpoints, e.g. an exported student); section.key=value among them are "
+        "overrides",
+    )  # fmt: skip
+    _config_args(ev, "naming the task and its data", positional=None)
     ev.add_argument("--limit", type=int, default=None, help="score only the first N held-out examples")
     ev.add_argument(
         "--data",
@@ -96,10 +94,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SHAPE = (
+    "every command that reads a config takes --config PATH and overrides as section.key=value, either "
+    "positional or with --set (repeatable)"
+)
+
+
+def _config_args(parser: argparse.ArgumentParser, what: str, positional: str | None = "overrides") -> None:
+    """The one way every config-reading command takes its config and overrides."""
+    parser.add_argument("--config", metavar="PATH", help=f"YAML config file ({what})")
+    if positional:
+        parser.add_argument(
+            positional, nargs="*", help="section.key=value overrides, e.g. train.max_steps=50"
+        )
+    parser.add_argument(
+        "--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="a section.key=value override (repeatable; the same as a positional one)",
+    )  # fmt: skip
+
+
+def _is_override(arg: str) -> bool:
+    head = arg.split("=", 1)[0]
+    return "=" in arg and "." in head and "/" not in head
+
+
+def _resolve_config_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fold the accepted shapes into `args.config` and `args.overrides`: positional overrides and --set
+    alike; `kdray config PATH` (the path positional) as well as `--config PATH`; for `eval`, positional
+    section.key=value arguments are overrides and the rest are model directories."""
+    loose = list(getattr(args, "overrides", None) or [])
+    if args.command == "eval":
+        loose = [a for a in args.models if _is_override(a)]
+        args.models = [a for a in args.models if not _is_override(a)]
+        if not args.models:
+            parser.error("eval: give at least one model directory")
+    if args.command == "config" and args.config is None:
+        paths = [a for a in loose if not _is_override(a)]
+        if paths:
+            args.config = paths[0]
+            loose.remove(paths[0])
+    bad = [a for a in loose if not _is_override(a)]
+    if bad:
+        parser.error(f"{args.command}: {bad[0]!r} is not a section.key=value override ({_SHAPE})")
+    if args.config is None:
+        parser.error(f"{args.command}: the config is missing: add --config PATH ({_SHAPE})")
+    args.overrides = loose + list(args.set_overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kdray` console script; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # positional arguments after options (`eval DIR --config C train.lr=1`) arrive as extras
+    args, extra = parser.parse_known_args(argv)
+    if args.command in ("config", "run", "sweep", "eval"):
+        if any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "eval":
+            args.models = [*args.models, *extra]
+        else:
+            args.overrides = [*args.overrides, *extra]
+        _resolve_config_args(parser, args)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from kdray.determinism import pin_cpu_kernels
 
     pin_cpu_kernels()  # before anything imports torch: the same numbers on any x86 machine
@@ -113,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         from kdray.validate import describe_resolved, validate_config
 
         try:
-            cfg = load_config(args.path, args.overrides)
+            cfg = load_config(args.config, args.overrides)
             validate_config(cfg)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)

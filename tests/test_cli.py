@@ -19,8 +19,40 @@ def test_run_refuses_a_bad_config_with_the_key_named(tmp_path, capsys):
 
 
 def test_run_parses_overrides_after_the_config():
-    args = build_parser().parse_args(["run", "--config", "c.yaml", "train.lr=1e-3", "teacher.top_k=8"])
+    args = build_parser().parse_args(
+        ["run", "--config", "c.yaml", "train.lr=1e-3", "teacher.top_k=8", "--set", "train.seed=1"]
+    )
     assert args.config == "c.yaml" and args.overrides == ["train.lr=1e-3", "teacher.top_k=8"]
+    assert args.set_overrides == ["train.seed=1"]
+
+
+def test_every_config_command_takes_one_shape(tmp_path, capsys):
+    import pytest
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 0.1\n")
+    # `kdray config` takes the path positional or as --config, overrides positional or with --set
+    for argv in (
+        ["config", str(cfg), "train.max_steps=7", "--set", "train.lr=0.2"],
+        ["config", "--config", str(cfg), "--set", "train.lr=0.2", "train.max_steps=7"],
+    ):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "  lr: 0.2\n" in out and "  max_steps: 7\n" in out
+    # eval: overrides among the model directories, and after the options
+    model = save_tiny_checkpoint(tmp_path / "m", hidden_size=32, num_layers=1, seed=0)
+    gen = tmp_path / "g.yaml"
+    gen.write_text("data:\n  task: arithmetic\n  format: generated\n")
+    argv = ["eval", str(model), "--config", str(gen), "--limit", "2", "data.max_response_tokens=4"]
+    assert main(argv) == 0 and "(arithmetic, 2 held-out)" in capsys.readouterr().out
+    for argv, message in (
+        (["run", "train.lr=1"], "the config is missing: add --config PATH"),
+        (["run", "--config", str(cfg), "oops"], "'oops' is not a section.key=value override"),
+        (["sweep", "--config", str(cfg), "--bogus"], "unrecognized arguments: --bogus"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
 
 
 def test_sweep_refuses_bad_search_spaces_before_ray_starts(tmp_path, capsys):
