@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples per prompt for the LCA uncertainty AUROCs on exact-match tasks; 0 = off "
         "(default: the config's workflow.lca_samples)",
     )
-    sub.add_parser("doctor", help="check Ray, devices, vLLM, MLflow and versions; exit 1 if something fails")
+    doc = sub.add_parser(
+        "doctor", help="check Ray, devices, vLLM, MLflow and versions; exit 1 if something fails"
+    )
+    _config_args(doc, "optional: check the MLflow store its runs will use", positional=None)
     rw = sub.add_parser(
         "reward",
         help="score responses with a trained reward head (X-KD/AVA); for chosen/rejected pairs also the accuracy",
@@ -198,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from kdray.doctor import doctor
 
-        return doctor()
+        if args.config is None:
+            return doctor()
+        from kdray.run import load_checked_config
+
+        cfg = load_checked_config(args.config, args.set_overrides)
+        return 2 if cfg is None else doctor(config=cfg)
     if args.command == "reward":
         from kdray.reward import reward_command
 

@@ -6,11 +6,14 @@ run) with what to do about it; the exit code is 1 when anything failed.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -110,12 +113,18 @@ def check_ray() -> list[Check]:
     return [Check("ray", status, detail)]
 
 
-def check_mlflow(tracking_uri: str | None = None) -> list[Check]:
-    """The tracking store the workflow would use: a server must answer /health, a SQLite file's
-    directory must be writable."""
+def check_mlflow(
+    tracking_uri: str | None = None, workdir: str | os.PathLike[str] | None = None
+) -> list[Check]:
+    """The tracking store a workflow run would use, resolved as `kdray run` resolves it (the config's
+    `tracking.tracking_uri`, else $MLFLOW_TRACKING_URI, else `<workflow.workdir>/mlflow.db`; the default
+    config's workdir when no config is given): a server must answer /health, a SQLite file's directory
+    must be writable."""
+    from kdray.config import Config
     from kdray.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(tracking_uri, os.getcwd())
+    where = Path(workdir if workdir is not None else Config().workflow.workdir).expanduser().resolve()
+    uri = resolve_tracking_uri(tracking_uri, where)
     if uri.startswith(("http://", "https://")):
         import urllib.request
 
@@ -144,8 +153,13 @@ CHECKS: tuple[Callable[[], list[Check]], ...] = (
 )
 
 
-def doctor(checks: tuple[Callable[[], list[Check]], ...] = CHECKS) -> int:
-    """Print every check; 1 if any failed."""
+def doctor(checks: tuple[Callable[[], list[Check]], ...] = CHECKS, config: Any = None) -> int:
+    """Print every check; 1 if any failed. With a `config`, the MLflow check looks at the store that
+    config's runs will use."""
+    if config is not None:
+        store = functools.partial(check_mlflow, config.tracking.tracking_uri, config.workflow.workdir)
+        store.__name__ = "check_mlflow"  # type: ignore[attr-defined]
+        checks = tuple(store if c is check_mlflow else c for c in checks)
     failed = False
     for check in checks:
         try:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 
-def _load(path: str, overrides: list[str]) -> Any:
+def load_checked_config(path: str, overrides: list[str]) -> Any:
+    """The config at `path` with `overrides`, checked whole (`validate_config`); None after printing the
+    error, for exit code 2."""
     from kdray.config import ConfigError, load_config
     from kdray.validate import validate_config
 
@@ -61,7 +63,7 @@ def local_cpus() -> int:
 def run_command(args: argparse.Namespace) -> int:
     """Run the workflow of `args.config`; print the evaluation table and where the MLflow run lives.
     With `--explain`, only print which steps would be reused and why the others would run."""
-    cfg = _load(args.config, list(args.overrides))
+    cfg = load_checked_config(args.config, list(args.overrides))
     if cfg is None:
         return 2
     if args.fresh:
@@ -97,7 +99,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     """Run (or resume) the sweep of `args.config`; print the trials, the best config and the MLflow run."""
     from kdray.config import ConfigError
 
-    cfg = _load(args.config, list(args.overrides))
+    cfg = load_checked_config(args.config, list(args.overrides))
     if cfg is None:
         return 2
     from kdray.tune.space import check_shared_teacher_pass, check_trials_fit
@@ -142,7 +144,7 @@ def mlflow_hint(tracking_uri: str, run_id: str | None) -> str:
 def eval_command(args: argparse.Namespace) -> int:
     """Greedy generations of each model on the config's held-out split (or on `--data`), scored for the
     config's task; on exact-match tasks also the LCA uncertainty AUROCs (`--lca-samples`, 0 = off)."""
-    cfg = _load(args.config, list(args.overrides))
+    cfg = load_checked_config(args.config, list(args.overrides))
     if cfg is None:
         return 2
     from kdray.eval.evaluate import TASK_METRIC, greedy_generations, task_scores

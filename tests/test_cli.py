@@ -93,6 +93,21 @@ def test_doctor_accepts_a_writable_local_store(tmp_path):
     assert check.status == "ok"
 
 
+def test_doctor_checks_the_store_a_configs_runs_will_use(tmp_path, monkeypatch, capsys):
+    from kdray.config import load_config
+    from kdray.doctor import doctor as run_doctor
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"workflow:\n  workdir: {tmp_path / 'runs'}\n")
+    args = build_parser().parse_args(["doctor", "--config", str(cfg)])
+    assert run_doctor(checks=(check_mlflow,), config=load_config(args.config)) == 0
+    assert f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}" in capsys.readouterr().out
+    # without a config: the default config's workdir, as `kdray run` with it would use (not the cwd)
+    assert run_doctor(checks=(check_mlflow,)) == 0
+    assert "runs/default/mlflow.db" in capsys.readouterr().out
+
+
 def test_doctor_exit_code_and_crashing_checks(capsys):
     def fine():
         return [Check("a", "ok", "fine"), Check("b", "warn", "slow")]
