@@ -5,6 +5,7 @@ One Ray session for the module; every run is a few steps of tiny models on the g
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -129,6 +130,16 @@ def test_two_workers_match_one_worker_with_twice_the_batch(
     np.testing.assert_allclose(losses(two), losses(one_worker), rtol=2e-3, atol=1e-4)
     assert two.final["consumed_rows"] == one_worker.final["consumed_rows"] == STEPS * 8
     assert two.final["eval_loss"] == pytest.approx(one_worker.final["eval_loss"], rel=1e-3)
+
+
+def test_a_held_out_split_smaller_than_a_batch_is_scored_not_refused(
+    ray_session, teacher_path, records, tmp_path, one_worker
+):
+    few = records[1][:3]  # 3 held-out rows, batch size 8: used to fail as "no batch of 8 rows"
+    run = distill(
+        make_cfg(teacher_path, steps=3), records[0], few, workdir=tmp_path, teacher_path=teacher_path
+    )
+    assert math.isfinite(run.final["eval_loss"]) and run.final["eval_loss"] > 0
 
 
 def test_killed_worker_resumes_from_checkpoint_and_finishes_exactly(

@@ -25,7 +25,7 @@ from kdray.losses import build_objective
 from kdray.losses.cross_tokenizer_term import cross_runtime
 from kdray.models import Student
 from kdray.models.build import build_student, export_student
-from kdray.train.batches import micro_batches
+from kdray.train.batches import micro_batches, regularize_batch
 from kdray.train.sampler import OnPolicySource
 from kdray.train.schedule import lr_lambda
 from kdray.train.state import method_state
@@ -216,8 +216,10 @@ def _eval_loss(student: Student, shard: Any, pad_id: int, batch_size: int, devic
     total, count = 0.0, 0
     student.eval()
     with torch.no_grad():
-        for batch in micro_batches(shard, batch_size, pad_id, max_epochs=1):
-            tensors = to_tensors(batch, device)
+        # every held-out row once, the last partial batch too: a held-out split smaller than the batch
+        # size (or than one row per worker) is scored as it is instead of failing as "no batch"
+        for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False):
+            tensors = to_tensors(regularize_batch(rows, pad_id), device)
             logits, lb = student_forward(student, tensors)
             ce = token_cross_entropy(logits, lb["target_ids"])
             mask = loss_mask(tensors)
