@@ -275,9 +275,13 @@ class Tracker:
         registered_model: str | None = None,
         artifact_path: str = "student",
         max_new_tokens: int = 64,
+        chat_template: bool = True,
         reward_tokenization: Mapping[str, Any] | None = None,
     ) -> str | None:
         """Log an exported student (HF `save_pretrained` dir) as a pyfunc model; register it if named.
+        It answers prompts as the evaluate step does: greedy, `max_new_tokens`, the chat template on or
+        off as in training. kdray's own code travels with the model (`code_paths`), so loading it needs
+        only its pip requirements.
 
         Synchronous (registration needs the server) and retried 3 times. Returns the registered version,
         None when not registered or on a non-zero rank. Loading it needs kdray importable (`StudentPyfunc`).
@@ -291,8 +295,8 @@ class Tracker:
             raise FileNotFoundError(f"{export_dir} is not a save_pretrained directory (no config.json)")
         self.flush(timeout_s=30)  # the logged model copies the run's metrics: send them first
         version = self._log_pyfunc(
-            export_dir, artifact_path, _student_pyfunc_class()(), {"max_new_tokens": max_new_tokens},
-            registered_model, "the student",
+            export_dir, artifact_path, _student_pyfunc_class()(),
+            {"max_new_tokens": max_new_tokens, "chat_template": chat_template}, registered_model, "the student",
         )  # fmt: skip
         from kdray.models.build import REWARD_HEAD_FILE
 
@@ -339,7 +343,7 @@ class Tracker:
         import mlflow
 
         def log() -> Any:
-            with _fluent_tracking_uri(self.tracking_uri):
+            with _fluent_tracking_uri(self.tracking_uri, self.experiment_id):
                 return mlflow.models.Model.log(
                     artifact_path=None,  # deprecated in MLflow 3 (but still positional): `name` replaces it
                     name=artifact_path,
@@ -349,6 +353,7 @@ class Tracker:
                     artifacts={"student": str(export_dir)},
                     model_config=dict(model_config),
                     pip_requirements=_student_requirements(),  # skips inference (a subprocess load)
+                    code_paths=[str(Path(__file__).resolve().parent)],  # the kdray package, as it ran
                 )
 
         info = _retry(log, attempts=3, what=f"logging {what} to {self.tracking_uri}")
@@ -453,7 +458,7 @@ class Tracker:
 
         def create() -> str:
             if self._experiment_id is None:
-                self._experiment_id = _experiment_id(self._client, experiment)
+                self._experiment_id = _experiment_id(self._client, experiment, self.tracking_uri)
             run = self._client.create_run(self._experiment_id, run_name=run_name, tags=all_tags)
             return run.info.run_id
 
@@ -612,14 +617,27 @@ def find_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> str
     return runs[0].info.run_id if runs else None
 
 
-def _experiment_id(client: Any, name: str) -> str:
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a local SQLite store (`<db dir>/mlartifacts`), not in
+    `./mlruns` of whatever directory the process runs in (MLflow's default for a local store); a server
+    decides for itself (None)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def _experiment_id(client: Any, name: str, tracking_uri: str = "") -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
             # "custom_model_development" makes the MLflow 3 UI open the runs table, not the GenAI traces page
-            return client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+            return client.create_experiment(
+                name,
+                artifact_location=artifact_root(tracking_uri),
+                tags={"mlflow.experimentKind": "custom_model_development"},
+            )
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it first
                 raise
@@ -664,14 +682,19 @@ def _retry(fn: Callable[[], Any], *, attempts: int, what: str) -> Any:
 
 
 @contextmanager
-def _fluent_tracking_uri(uri: str) -> Iterator[None]:
-    """Model logging reads mlflow's process-global tracking URI: point it at ours for this call only."""
+def _fluent_tracking_uri(uri: str, experiment_id: str | None = None) -> Iterator[None]:
+    """Model logging reads mlflow's process-global tracking URI and experiment: point them at ours for
+    this call only (else MLflow 3 files the logged model under the Default experiment, and a local
+    store's artifacts under ./mlruns of the current directory)."""
     import mlflow
 
+    wanted = {"MLFLOW_TRACKING_URI": uri}
+    if experiment_id is not None:
+        wanted["MLFLOW_EXPERIMENT_ID"] = experiment_id
     with _FLUENT_LOCK:
-        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+        saved_env = {key: os.environ.get(key) for key in wanted}
         previous = mlflow.get_tracking_uri()
-        os.environ["MLFLOW_TRACKING_URI"] = uri
+        os.environ.update(wanted)
         pinned = mlflow.get_tracking_uri() != uri  # an explicit mlflow.set_tracking_uri() beats the env var
         if pinned:
             mlflow.set_tracking_uri(uri)
@@ -680,17 +703,18 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
         finally:
             if pinned:
                 mlflow.set_tracking_uri(previous)
-            if saved_env is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved_env
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _student_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for name in ("mlflow", "torch", "transformers", "tokenizers"):
+    for name in ("mlflow", "torch", "transformers", "tokenizers", "numpy", "safetensors"):
         try:
             out.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -711,31 +735,29 @@ def _student_pyfunc_class() -> type:
         """Greedy generation with a distilled student loaded by transformers from the logged export."""
 
         def load_context(self, context):
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from kdray.teacher.teacher import Teacher
 
-            path = context.artifacts["student"]
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(path).eval()
-            self.max_new_tokens = int((context.model_config or {}).get("max_new_tokens", 64))
+            config = context.model_config or {}
+            self.max_new_tokens = int(config.get("max_new_tokens", 64))
+            self.chat_template = bool(config.get("chat_template", True))
+            self.batch_size = int(config.get("batch_size", 32))
+            self.model = Teacher(
+                context.artifacts["student"],
+                top_k=1,
+                batch_size=self.batch_size,
+                chat_template=self.chat_template,
+            )
 
         def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-            """Greedy continuations of the prompts (the type hints let pyfunc accept a `prompt` DataFrame)."""
-            import torch
+            """Greedy answers to the prompts, rendered as in training (the chat template and generation
+            settings of the run's evaluation): the evaluate step's own generation path. The type hints
+            let pyfunc accept a `prompt` DataFrame."""
+            from kdray.eval.evaluate import greedy_generations
 
-            out = []
-            for prompt in model_input:  # one at a time: no padding side to get wrong
-                ids = self.tokenizer(prompt, return_tensors="pt")
-                with torch.no_grad():
-                    seq = self.model.generate(
-                        **ids,
-                        max_new_tokens=self.max_new_tokens,
-                        do_sample=False,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                    )
-                out.append(
-                    self.tokenizer.decode(seq[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-                )
-            return out
+            return greedy_generations(
+                self.model, list(model_input), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                chat_template=self.chat_template, desc="generating (registered student)",
+            )  # fmt: skip
 
     StudentPyfunc.__module__, StudentPyfunc.__qualname__ = __name__, "StudentPyfunc"
     globals()["StudentPyfunc"] = StudentPyfunc

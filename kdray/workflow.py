@@ -423,8 +423,10 @@ def register_step(ctx: StepContext, student: StepResult, evaluation: StepResult 
     tokenization = {"max_prompt_tokens": d.max_prompt_tokens, "max_response_tokens": d.max_response_tokens,
                     "chat_template": d.chat_template}  # fmt: skip
     version = ctx.tracker.log_student(
-        student.outputs["student"], registered_model=name, reward_tokenization=tokenization
-    )
+        student.outputs["student"], registered_model=name, reward_tokenization=tokenization,
+        max_new_tokens=ctx.cfg.workflow.eval_max_new_tokens or d.max_response_tokens,
+        chat_template=d.chat_template,
+    )  # fmt: skip
     return {"registered": name, "version": version, "student": student.outputs["student"]}
 
 

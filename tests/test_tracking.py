@@ -251,10 +251,16 @@ def test_spool_left_by_a_crash_mid_line_is_resent(sqlite_uri, tmp_path):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def test_log_student_registers_a_pyfunc_that_generates(sqlite_uri, tmp_path, monkeypatch):
+def test_registered_student_answers_as_the_evaluate_step_in_a_fresh_process(
+    sqlite_uri, tmp_path, monkeypatch
+):
+    import subprocess
+    import sys
+
     import mlflow
     import torch
 
+    from kdray.eval.evaluate import greedy_generations
     from kdray.models.build import export_student
     from kdray.models.tiny import tiny_causal_lm
     from kdray.models.tokenizer import char_tokenizer
@@ -266,24 +272,36 @@ def test_log_student_registers_a_pyfunc_that_generates(sqlite_uri, tmp_path, mon
     export = export_student(model, tokenizer, tmp_path / "student")
     torch.save({"weight": torch.zeros(2, 32)}, export / "reward_head.pt")  # exports may carry the head
 
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # artifacts go beside the store, not into ./mlruns of the process
     with _tracker(sqlite_uri, tmp_path / "spool", run_name="register") as tracker:
         version = tracker.log_student(export, registered_model="kdray-tiny-student", max_new_tokens=8)
+        run_id = tracker.run_id
     assert version == "1"
+    assert not (elsewhere / "mlruns").exists()
+    store = Path(sqlite_uri[len("sqlite:///") :]).parent
+    assert mlflow.MlflowClient(sqlite_uri).get_run(run_id).info.artifact_uri.startswith(store.as_uri())
 
-    prompt = "1+1="
-    ids = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        greedy = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    expected = tokenizer.decode(greedy[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)  # models:/ URIs resolve through the global URI
-    loaded = mlflow.pyfunc.load_model("models:/kdray-tiny-student/1")
-    out = loaded.predict([prompt])
-    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
-    assert out == [expected], "the pyfunc is greedy generation with the exported weights"
+    prompts = ["1+1=", "Tom has 3 apples.", "ab"]
+    expected = greedy_generations(export, prompts, max_new_tokens=8)  # what the evaluate step prints
+    script = (
+        "import json, sys, mlflow\n"
+        "model = mlflow.pyfunc.load_model('models:/kdray-tiny-student/1')\n"
+        "print(json.dumps(model.predict(json.loads(sys.argv[1]))))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri}  # models:/ URIs resolve through the global URI
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(prompts)], env=env, cwd=elsewhere,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
     import pandas as pd
 
-    assert loaded.predict(pd.DataFrame({"prompt": [prompt, "ab"]}))[0] == expected  # the serving format
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    loaded = mlflow.pyfunc.load_model("models:/kdray-tiny-student/1")
+    assert loaded.predict(pd.DataFrame({"prompt": prompts})) == expected  # the serving format
 
 
 def test_learning_curves_one_axes_per_family_and_sparse_eval():

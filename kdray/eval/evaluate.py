@@ -20,7 +20,7 @@ TASK_METRIC = {
 
 
 def greedy_generations(
-    model_path: str | Path,
+    model_path: str | Path | Any,
     prompts: Sequence[str],
     *,
     max_new_tokens: int,
@@ -28,25 +28,34 @@ def greedy_generations(
     chat_template: bool = True,
     desc: str | None = None,
 ) -> list[str]:
-    """Greedy completions of `prompts` by the model saved at `model_path` (transformers, on CPU or GPU).
+    """Greedy completions of `prompts` by the model saved at `model_path` (transformers, on CPU or GPU),
+    or by an already loaded `kdray.teacher.Teacher` (the registered model's pyfunc passes its own).
 
     Uses the Teacher's generation path so the prompt is rendered exactly as in training (chat template
-    and all), with a progress bar per batch on long evaluations.
+    and all), in batches of `batch_size`, with a progress bar per batch on long evaluations. The
+    evaluate step and the registered model both generate through here, so they agree token for token.
     """
     from tqdm.auto import tqdm
 
     from kdray.teacher import Teacher
 
-    model = Teacher(str(model_path), top_k=1, batch_size=batch_size, chat_template=chat_template)
+    loaded = isinstance(model_path, Teacher)
+    model = (
+        model_path
+        if loaded
+        else Teacher(str(model_path), top_k=1, batch_size=batch_size, chat_template=chat_template)
+    )
+    name = Path(str(model.name if loaded else model_path)).name
     texts: list[str] = []
     try:
         starts = range(0, len(prompts), batch_size)
-        for start in tqdm(starts, desc=desc or f"generating ({Path(model_path).name})", disable=None):
+        for start in tqdm(starts, desc=desc or f"generating ({name})", disable=None):
             chunk = list(prompts[start : start + batch_size])
             outs = model.generate(chunk, temperature=0.0, max_new_tokens=max_new_tokens)
             texts.extend(o[0]["text"] for o in outs)
     finally:
-        model.close()
+        if not loaded:
+            model.close()
     return texts
 
 
