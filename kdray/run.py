@@ -50,6 +50,20 @@ def init_ray(address: str | None = None, quiet: bool = False) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
+def terminate_as_interrupt() -> None:
+    """SIGTERM (`kill`, a scheduler's stop, `ray job stop`) raises KeyboardInterrupt, as Ctrl-C does, so
+    the workflow marks its MLflow runs KILLED and leaves its checkpoints for a resume instead of dying
+    mid-write. Only from the main thread (Python delivers signals there)."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def local_cpus() -> int:
     """Logical CPUs of a private local Ray: the cores, and at least 4. Training workers and teacher
     actors each hold whole CPUs while Ray Data's readers and tokenizers need slivers beside them; on a
@@ -79,6 +93,7 @@ def run_command(args: argparse.Namespace) -> int:
     init_ray(args.address)
     from kdray.workflow import run_workflow
 
+    terminate_as_interrupt()
     result = run_workflow(cfg, run_name=args.run_name)
     print()
     for step in result.steps:

@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -67,6 +69,19 @@ def resolve_tracking_uri(uri: str | None, workdir: str | Path) -> str:
     return (
         uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
     )
+
+
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]")
+
+
+def mlflow_key(key: Any) -> str:
+    """`key` as MLflow accepts it for a param or metric name: only letters, digits, `_ - . / ` and spaces
+    (no colon either: Windows stores reject it), no empty or `..` path parts, no leading `/`. Anything
+    else becomes `_` (parentheses are dropped), so `output.scores.student (xkd).exact_match` is logged
+    as `output.scores.student xkd.exact_match` instead of being rejected and lost."""
+    clean = _BAD_KEY_CHARS.sub("_", str(key).replace("(", "").replace(")", "")).strip()
+    parts = [p if p not in ("", ".", "..") else "_" for p in clean.split("/")]
+    return "/".join(parts) or "_"
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -208,7 +223,7 @@ class Tracker:
         """Nested dicts become dotted keys; values become strings cut to MLflow's 6000 characters."""
         if not self._active():
             return
-        flat = {k: _param_value(v) for k, v in flatten(params).items()}
+        flat = {mlflow_key(k): _param_value(v) for k, v in flatten(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), _BATCH_LIMITS["params"]):
             self._append({"op": "params", "params": dict(items[i : i + _BATCH_LIMITS["params"]])})
@@ -229,7 +244,7 @@ class Tracker:
             if number is None:
                 logger.debug("metric %s=%r at step %s skipped (not a finite number)", key, value, step)
             else:
-                clean[str(key)] = number
+                clean[mlflow_key(key)] = number
         items, ts = list(clean.items()), int(time.time() * 1000)
         for i in range(0, len(items), _BATCH_LIMITS["metrics"]):
             chunk = dict(items[i : i + _BATCH_LIMITS["metrics"]])
@@ -450,7 +465,12 @@ class Tracker:
     def _create_run(self, experiment: str, run_name: str | None, parent: str | None, tags: Mapping) -> str:
         from kdray import __version__
 
-        all_tags = {"kdray.version": __version__, **{str(k): str(v) for k, v in tags.items()}}
+        all_tags = {
+            "kdray.version": __version__,
+            "kdray.host": socket.gethostname(),  # with the pid: a later run can tell this one was killed
+            "kdray.pid": str(os.getpid()),
+            **{str(k): str(v) for k, v in tags.items()},
+        }
         if commit := git_commit():
             all_tags["mlflow.source.git.commit"] = commit
         if parent:
@@ -624,6 +644,36 @@ def artifact_root(tracking_uri: str) -> str | None:
     if tracking_uri.startswith("sqlite:///"):
         return (Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
     return None
+
+
+def close_stale_runs(tracking_uri: str, experiment: str) -> list[str]:
+    """Mark KILLED the runs of `experiment` still RUNNING whose process on this host is gone (by their
+    `kdray.host` and `kdray.pid` tags): a run killed with SIGKILL, or by a power cut, cannot end its own
+    MLflow run, so the next workflow run does. Returns the ids it closed."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    where = f"attributes.status = 'RUNNING' and tags.`kdray.host` = '{socket.gethostname()}'"
+    closed = []
+    for run in client.search_runs([found.experiment_id], filter_string=where, max_results=1000):
+        pid = int(run.data.tags.get("kdray.pid") or 0)
+        if pid and not _process_alive(pid):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def _experiment_id(client: Any, name: str, tracking_uri: str = "") -> str:

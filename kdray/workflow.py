@@ -695,9 +695,11 @@ def run_workflow(cfg: Config, *, run_name: str | None = None) -> WorkflowResult:
     parent = None
     tracking = None
     if cfg.tracking.enabled:
-        from kdray.tracking import Tracker, flatten, git_commit, resolve_tracking_uri
+        from kdray.tracking import Tracker, close_stale_runs, flatten, git_commit, resolve_tracking_uri
 
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri, workdir)
+        for stale in close_stale_runs(uri, cfg.tracking.experiment):
+            print(f"[mlflow] run {stale} was left RUNNING by a killed process: marked KILLED", flush=True)
         name = run_name or cfg.tracking.run_name or _default_run_name(cfg)
         parent = Tracker(uri, cfg.tracking.experiment, run_name=name, tags=lineage_tags(cfg, git_commit()))
         parent.log_params(flatten(cfg_dict))
@@ -718,7 +720,12 @@ def run_workflow(cfg: Config, *, run_name: str | None = None) -> WorkflowResult:
             evaluation = next((s for s in steps if s.step == "evaluate"), None)
             if evaluation is not None:
                 parent.log_text(evaluation.outputs["table"], "table.md")
+                parent.log_metrics(summary_metrics(evaluation.outputs), step=0)
             parent.close()
+    except KeyboardInterrupt:
+        if parent is not None:
+            parent.close(status="KILLED")
+        raise
     except BaseException:
         if parent is not None:
             parent.close(status="FAILED")
@@ -726,6 +733,19 @@ def run_workflow(cfg: Config, *, run_name: str | None = None) -> WorkflowResult:
     return WorkflowResult(
         steps[-1], parent.run_id if parent else None, tracking["tracking_uri"] if tracking else None, steps
     )
+
+
+def summary_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
+    """The evaluate step's scores as the parent run's metrics (`<model>/<metric>`, e.g.
+    `student xkd/exact_match`), so the runs table of the experiment shows each run's result."""
+    out = {
+        f"{label}/{name}": value
+        for label, values in evaluation.get("scores", {}).items()
+        for name, value in values.items()
+    }
+    for short, values in (evaluation.get("lca") or {}).items():
+        out.update({f"{short}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+    return out
 
 
 def _default_run_name(cfg: Config) -> str:

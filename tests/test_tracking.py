@@ -304,6 +304,61 @@ def test_registered_student_answers_as_the_evaluate_step_in_a_fresh_process(
     assert loaded.predict(pd.DataFrame({"prompt": prompts})) == expected  # the serving format
 
 
+def test_keys_mlflow_would_reject_are_sanitised_not_dropped(sqlite_uri, tmp_path):
+    import mlflow
+
+    from kdray.tracking import mlflow_key
+
+    assert mlflow_key("output.scores.student (xkd).exact_match") == "output.scores.student xkd.exact_match"
+    assert mlflow_key("a:b/../c//d") == "a_b/_/c/_/d" and mlflow_key("/x") == "_/x"
+    with _tracker(sqlite_uri, tmp_path / "spool", run_name="keys") as tracker:
+        tracker.log_params({"output": {"scores": {"student (xkd)": {"exact_match": 12.5}}}, "a:b": 1})
+        tracker.log_metrics({"student (SFT only)/exact_match": 3.0}, step=0)
+        run_id = tracker.run_id
+    data = mlflow.MlflowClient(sqlite_uri).get_run(run_id).data
+    assert data.params["output.scores.student xkd.exact_match"] == "12.5" and data.params["a_b"] == "1"
+    assert data.metrics["student SFT only/exact_match"] == 3.0
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_killed(sqlite_uri):
+    import socket
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from kdray.tracking import close_stale_runs
+
+    client = mlflow.MlflowClient(sqlite_uri)
+    experiment = client.create_experiment("stale-runs")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = socket.gethostname()
+    killed = client.create_run(experiment, tags={"kdray.host": host, "kdray.pid": dead.stdout.strip()})
+    alive = client.create_run(experiment, tags={"kdray.host": host, "kdray.pid": str(os.getpid())})
+    other = client.create_run(experiment, tags={"kdray.host": "elsewhere", "kdray.pid": dead.stdout.strip()})
+    assert close_stale_runs(sqlite_uri, "stale-runs") == [killed.info.run_id]
+    status = {r: client.get_run(r.info.run_id).info.status for r in (killed, alive, other)}
+    assert list(status.values()) == ["KILLED", "RUNNING", "RUNNING"]
+
+
+def test_parent_run_metrics_come_from_the_evaluation():
+    from kdray.workflow import summary_metrics
+
+    evaluation = {
+        "scores": {
+            "teacher": {"exact_match": 70.0},
+            "student (xkd)": {"exact_match": 61.5, "distinct_2": 0.2},
+        },
+        "lca": {"student": {"lca_auroc": 0.7, "prompts": [1, 2]}},
+    }
+    assert summary_metrics(evaluation) == {
+        "teacher/exact_match": 70.0, "student (xkd)/exact_match": 61.5, "student (xkd)/distinct_2": 0.2,
+        "student/lca_auroc": 0.7,
+    }  # fmt: skip
+
+
 def test_learning_curves_one_axes_per_family_and_sparse_eval():
     history = []
     for step in range(0, 100, 10):
