@@ -273,27 +273,3 @@ def test_importing_kdray_data_stays_light():
     code = "import sys, kdray.data; print([m for m in ('torch', 'ray', 'transformers', 'datasets', 'pyarrow') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-# --- Ray -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:  # address="local": never attach to a cluster another process left running on this machine
-        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-def test_read_dataset_counts_rows_and_reports_malformed(ray_session, messy_jsonl):
-    from kdray.data import read_dataset
-
-    dataset, malformed = read_dataset("arithmetic", None, limit=40, difficulty=2, override_num_blocks=4)
-    assert dataset.count() == 40 and malformed == []
-    assert sorted(dataset.columns()) == ["answer", "id", "prompt", "response"]
-    dataset, malformed = read_dataset("gsm8k", messy_jsonl)
-    assert dataset.count() == 3 and [m.line_no for m in malformed] == [2, 3, 5, 7, 8]

@@ -1,11 +1,8 @@
 """Examples for distillation: task records, readers, the generated arithmetic task, tokenization.
 
 Importing this package loads only the stdlib and numpy: transformers, datasets, pyarrow and Ray are
-imported inside the functions that use them, so the CLI and job entry points start fast. `read_dataset`
-(Ray) is resolved on first access for the same reason.
+imported inside the functions that use them, so the CLI and job entry points start fast.
 """
-
-from typing import Any
 
 from kdray.data.arithmetic import arithmetic_splits, generate_arithmetic
 from kdray.data.holdout import read_config_split
@@ -48,18 +45,8 @@ __all__ = [
     "pad_id_of",
     "parse_gsm8k_answer",
     "read_config_split",
-    "read_dataset",
     "read_records",
     "summarization_record",
     "tokenize_example",
     "translation_record",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # PEP 562: `from kdray.data import read_dataset` works without importing Ray at package import
-    if name == "read_dataset":
-        from kdray.data.ray_io import read_dataset
-
-        return read_dataset
-    raise AttributeError(f"module 'kdray.data' has no attribute {name!r}")
