@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kdray import __version__
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--run-name", default=None, help="MLflow name of the workflow's parent run")
     run.add_argument("--fresh", action="store_true", help="ignore finished steps and run everything again")
+    run.add_argument(
+        "--verbose", action="store_true",
+        help="also print Ray's own log lines (Ray Data plans, Ray Train reports); they are always in Ray's logs",
+    )  # fmt: skip
     run.add_argument(
         "--explain",
         action="store_true",
@@ -188,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "run":
         from kdray.run import run_command
+
+        if args.verbose:
+            os.environ["KDRAY_VERBOSE"] = "1"  # before Ray starts: its workers inherit it
 
         return run_command(args)
     if args.command == "sweep":

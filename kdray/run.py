@@ -39,7 +39,10 @@ def init_ray(address: str | None = None, quiet: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    options: dict = {"runtime_env": {"env_vars": pins}, "log_to_driver": not quiet}
+    from kdray.console import quiet_worker_env
+
+    env = {**pins, **quiet_worker_env()}
+    options: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": not quiet}
     if quiet:
         options["include_dashboard"] = False
     target = address or os.environ.get("RAY_ADDRESS") or "local"

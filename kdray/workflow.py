@@ -493,9 +493,12 @@ def run_step(
     """
     from ray.data import DataContext
 
+    from kdray.console import quiet_ray_data
+
     # per-operator Ray Data bars (one per map/split stage) drown the step's own progress in the log
     DataContext.get_current().enable_operator_progress_bars = False
     DataContext.get_current().enable_progress_bars = bool(options.get("progress"))
+    quiet_ray_data()  # no execution plan per dataset on the console (kdray run --verbose shows them)
     tracking = options.get("tracking")
     cfg = config_from_dict(cfg_dict)
     present = [i for i in inputs if i is not None]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdray.console import ray_train_log_level
 from kdray.methods import get_method
 from kdray.train.loop import LoopSpec, spec_to_config, train_loop_per_worker
 
@@ -288,6 +289,7 @@ def distill(
             storage_path=str(workdir / "ray_train"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level=ray_train_log_level()),
         ),
         datasets={"train": train_ds, "eval": eval_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "eval"]),
