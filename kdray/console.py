@@ -38,3 +38,13 @@ def quiet_ray_data() -> None:
 def ray_train_log_level() -> str:
     """Ray Train's console level: its worker-group reports only when verbose."""
     return "INFO" if verbose() else "WARNING"
+
+
+def quiet_driver_loggers() -> None:
+    """In the driver: MLflow's store set-up lines ("Creating initial MLflow database tables...") only
+    when verbose."""
+    import logging
+
+    if not verbose():
+        for name in ("mlflow.store.db.utils", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)

@@ -94,9 +94,11 @@ def run_command(args: argparse.Namespace) -> int:
             print(line)
         return 0
     init_ray(args.address)
+    from kdray.console import quiet_driver_loggers
     from kdray.workflow import run_workflow
 
     terminate_as_interrupt()
+    quiet_driver_loggers()
     result = run_workflow(cfg, run_name=args.run_name)
     print()
     for step in result.steps:
