@@ -505,7 +505,7 @@ class WorkflowConfig:
     workdir: str = "runs/default"
     """Directory of the run's artifacts, checkpoints and (by default) the MLflow store."""
     cache_dir: str | None = None
-    """Directory of cached step outputs (e.g. teacher signals); None = <workdir>/cache."""
+    """Directory of cached step outputs (e.g. teacher signals); None = <workdir>/steps."""
     steps: tuple[Step, ...] = ("data", "teacher", "teacher_outputs", "distill", "evaluate", "register")
     """Steps to run; the workflow orders them by their dependencies."""
     resume: bool = True
@@ -520,6 +520,9 @@ class WorkflowConfig:
     """Samples per held-out prompt for the LCA uncertainty AUROC (exact-match tasks only); 0 = off."""
     lca_temperature: float = 1.0
     """Sampling temperature of those samples."""
+    results_file: str | None = None
+    """Append one JSON line per evaluated model (its scores, seeds, config hash, commit, CPU, threads and the
+    run's wall time) to this file after a run of `kdray run`; None = no file. Tables are generated from it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))

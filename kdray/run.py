@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,7 @@ def run_command(args: argparse.Namespace) -> int:
         for line in explain_steps(cfg):
             print(line)
         return 0
+    started = time.time()
     init_ray(args.address)
     from kdray.console import quiet_driver_loggers
     from kdray.workflow import run_workflow
@@ -100,6 +103,9 @@ def run_command(args: argparse.Namespace) -> int:
     terminate_as_interrupt()
     quiet_driver_loggers()
     result = run_workflow(cfg, run_name=args.run_name)
+    if cfg.workflow.results_file:
+        rows = append_results(cfg, result, args, time.time() - started)
+        print(f"\n{rows} result rows appended to {cfg.workflow.results_file}")
     print()
     for step in result.steps:
         state = "reused" if step.cached else f"{step.seconds:.0f} s"
@@ -113,6 +119,34 @@ def run_command(args: argparse.Namespace) -> int:
     if result.tracking_uri:
         print("\n" + mlflow_hint(result.tracking_uri, result.parent_run_id))
     return 0
+
+
+def append_results(cfg: Any, result: Any, args: argparse.Namespace, wall_s: float) -> int:
+    """One JSON line per model of the evaluation table in `workflow.results_file`: what a generated table
+    needs to say where each number came from (the command, seeds, config hash, commit, CPU, threads, the
+    run's wall time and each step's seconds, 0 for a reused step). Returns the number of rows."""
+    from kdray.config import config_to_dict
+    from kdray.data.cache import fingerprint
+    from kdray.determinism import provenance
+
+    evaluation = next((s for s in result.steps if s.step == "evaluate"), None)
+    if evaluation is None:
+        return 0
+    common = {
+        "command": " ".join(["kdray run --config", args.config, *args.overrides]),
+        "config_hash": fingerprint([config_to_dict(cfg)])[:16],
+        **provenance(cfg.train.seed),
+        "data_seed": cfg.data.seed,
+        "wall_s": round(wall_s, 1),
+        "steps_s": {s.step: 0.0 if s.cached else round(s.seconds, 1) for s in result.steps},
+        "metric": evaluation.outputs["metric"],
+    }
+    path = Path(cfg.workflow.results_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for label, scores in evaluation.outputs["scores"].items():
+            f.write(json.dumps({"model": label, "scores": scores, **common}) + "\n")
+    return len(evaluation.outputs["scores"])
 
 
 def sweep_command(args: argparse.Namespace) -> int:

@@ -33,3 +33,34 @@ def test_a_hand_edited_number_is_caught_and_an_unknown_block_named():
     assert tables.render(edited)[1] != []
     with pytest.raises(KeyError, match="no renderer"):
         tables.render("<!-- table: nonsense -->\nx\n<!-- /table -->")
+
+
+def test_a_run_appends_its_table_rows_and_the_table_says_where_they_came_from(tmp_path, monkeypatch):
+    import argparse
+    import json
+    from types import SimpleNamespace
+
+    from kdray.config import Config, with_overrides
+    from kdray.run import append_results
+    from kdray.workflow import StepResult
+
+    results = tmp_path / "quick.jsonl"
+    cfg = with_overrides(Config(), {"workflow.results_file": str(results)})
+    scores = {"teacher": {"exact_match": 75.5, "distinct_2": 0.232}, "student (xkd)": {"exact_match": 33.5}}
+    steps = [
+        StepResult("teacher", "k1", "d1", {}, True, 0.0),
+        StepResult("evaluate", "k2", "d2", {"metric": "exact_match", "scores": scores}, False, 41.2),
+    ]
+    args = argparse.Namespace(config="q.yaml", overrides=["train.seed=1"])
+    assert append_results(cfg, SimpleNamespace(steps=steps), args, wall_s=512.3) == 2
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["teacher", "student (xkd)"]
+    assert rows[0]["command"] == "kdray run --config q.yaml train.seed=1" and rows[0]["wall_s"] == 512.3
+    assert rows[0]["steps_s"] == {"teacher": 0.0, "evaluate": 41.2} and {"commit", "cpu", "threads"} <= set(
+        rows[0]
+    )
+    tables = _tables()
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    table = tables.run_table(results)
+    assert "| teacher | 75.50 | 0.232 |" in table and "| student (xkd) | 33.50 | nan |" in table
+    assert "`kdray run --config q.yaml train.seed=1`" in table and "512 s" in table

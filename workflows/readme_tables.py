@@ -66,6 +66,33 @@ def methods_table(path: Path, metric: str) -> str:
     return "\n".join(lines)
 
 
+def run_table(path: Path) -> str:
+    """The last run recorded in a `workflow.results_file` (the rows sharing its last row's command, commit
+    and wall time): the evaluation table `kdray run` printed, and where and how fast it ran."""
+    rows = _rows(path)
+    last = rows[-1]
+    run = [
+        r
+        for r in rows
+        if (r["command"], r["commit"], r["wall_s"]) == (last["command"], last["commit"], last["wall_s"])
+    ]
+    metric = last["metric"]
+    extra = sorted({k for r in run for k in r["scores"]} - {metric})
+    lines = [f"| model | {metric} | " + " | ".join(extra) + " |", "|---|" + "---:|" * (1 + len(extra))]
+    for r in run:
+        cells = [f"{r['scores'][metric]:.2f}"] + [f"{r['scores'].get(k, float('nan')):.3f}" for k in extra]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in last["steps_s"].items())
+    lines += [
+        "",
+        f"From `{path.relative_to(ROOT)}`: `{last['command']}`; data seed {last['data_seed']}, train seed "
+        f"{last['seed']}; commit {last['commit']}; {last['cpu']}, {last['threads']} threads, kernels "
+        f"{last['cpu_kernels']}; {last['wall_s']:.0f} s from the command's start to the table, installation not "
+        f"included ({steps}).",
+    ]
+    return "\n".join(lines)
+
+
 def _workflow(name: str) -> Any:
     """A sibling script as a module (the workflows directory is not a package)."""
     spec = importlib.util.spec_from_file_location(f"kdray_workflow_{name}", ROOT / "workflows" / f"{name}.py")
@@ -79,6 +106,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "arithmetic": lambda: methods_table(ROOT / "BENCHMARKS_methods.jsonl", "exact match (%)"),
     "multi30k": lambda: methods_table(ROOT / "BENCHMARKS_multi30k.jsonl", "sacreBLEU"),
     "ava": lambda: _workflow("ava").report(ROOT / "benchmarks" / "ava.jsonl"),
+    "quickstart": lambda: run_table(ROOT / "benchmarks" / "quickstart.jsonl"),
 }
 
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table -->)", re.S)
