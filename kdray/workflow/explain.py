@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from kdray.config import Config
-from kdray.workflow import DONE, KEY, StepResult, cache_root, dag_steps, finished, key_components, key_of
+from kdray.workflow.base import StepResult
+from kdray.workflow.dag import dag_steps
+from kdray.workflow.keys import DONE, KEY, cache_root, finished, key_components, key_of
 
 
 def last_finished(root: Path, step: str) -> Path | None:

@@ -1,0 +1,47 @@
+"""The `teacher_outputs` step: one teacher pass over the training split, into the signal cache.
+
+The pass is the workflow's most expensive shared work, so its key reads of the objective only what changes
+the teacher's outputs (`teacher_outputs_wanted`): the students of a sweep over loss weights or learning
+rates all read one pass.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kdray import __version__
+from kdray.workflow.base import StepContext, StepResult, read_jsonl
+
+
+def teacher_outputs_step(ctx: StepContext, data: StepResult, teacher: StepResult) -> dict[str, Any]:
+    """One teacher pass over the training split, written to the signal cache (log-probs, and the
+    teacher's generations for SeqKD / sequence-level X-KD); every later run or Tune trial reads it."""
+    from kdray.data.cache import SignalCache, signal_cache_key
+    from kdray.models.loading import load_model_config
+    from kdray.train.trainer import build_datasets, needs_generations, needs_signal
+    from kdray.validate import teacher_temperature
+
+    cfg = ctx.cfg
+    generations = needs_generations(cfg)
+    if not (needs_signal(cfg) or generations):
+        return {"signal_cache": None, "reason": f"method {cfg.objective.method!r} reads no teacher output"}
+    t_path = teacher.outputs["path"]
+    key = signal_cache_key(  # the teacher step's key names a trained teacher; a hub id names itself
+        teacher=f"{t_path}@{teacher.key}", revision=cfg.teacher.revision, tokenizer=t_path,
+        top_k=cfg.teacher.top_k, temperature=teacher_temperature(cfg),
+        data=f"{data.key}:{ctx.key}", version=__version__,
+    )  # fmt: skip
+    cache = SignalCache(ctx.directory / "signal")
+    train_ds, _ = build_datasets(
+        cfg, read_jsonl(data.outputs["train"]), read_jsonl(data.outputs["eval"])[:1],
+        teacher_path=t_path, tokenizer_path=t_path,
+    )  # fmt: skip
+    started = time.time()
+    vocab = int(load_model_config(t_path).vocab_size)
+    rows = cache.write(train_ds, key, vocab_size=vocab, meta={"teacher": t_path, "generations": generations})
+    seconds = time.time() - started
+    if ctx.tracker is not None:
+        ctx.tracker.set_tags({"kdray.signal_cache_key": key})
+        ctx.tracker.log_metrics({"rows": rows, "rows_per_s": rows / max(seconds, 1e-9)}, step=0)
+    return {"signal_cache": key, "cache_dir": str(cache.root), "rows": rows, "generations": generations}
