@@ -293,7 +293,7 @@ def test_registered_student_answers_as_the_evaluate_step_in_a_fresh_process(
     env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_uri}  # models:/ URIs resolve through the global URI
     out = subprocess.run(
         [sys.executable, "-c", script, json.dumps(prompts)], env=env, cwd=elsewhere,
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
