@@ -32,6 +32,7 @@ LABELS = {
     "student: distillm": "DistiLLM (skew KL α=0.1, adaptive off-policy)",
     "student: minillm": "MiniLLM (teacher-mixed sampling, 4 PPO epochs)",
     "student: pad": "PAD (ranked by the teacher's log-prob)",
+    "student: ava_d": "AVA-d (AVRIL on the data, no teacher)",
     "student: xkd-divergence": "X-KD, divergence variant, `q_form: logits` (default)",
     "student: xkd-divergence-logprobs": "X-KD, divergence variant, `q_form: logprobs`",
     "student: xkd-sequence": "X-KD, sequence variant (teacher generations)",
