@@ -28,7 +28,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m kdray.demo
 
-# The README's main command: the whole X-KD workflow on a generated arithmetic task (about 7 minutes on
+# The README's main command: the whole X-KD workflow on a generated arithmetic task (about 12 minutes on
 # 2 cores), then the evaluation table and how to open the MLflow UI.
 quickstart: $(STAMP)
 	$(PY) workflows/xkd.py --config workflows/configs/quickstart.yaml
