@@ -237,10 +237,16 @@ def test_ava_p_ranks_held_out_arithmetic_pairs(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "workflows" / "ava.py"
+    rows = tmp_path / "ava.jsonl"  # not the repository's benchmarks/ava.jsonl
     out = subprocess.run(
-        [sys.executable, str(script), "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900
-    )
+        [sys.executable, str(script), "--workdir", str(tmp_path), "--out", str(rows)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (
+        json.loads(rows.read_text().splitlines()[-1])["held_out_preference_accuracy"]
+        == result["held_out_preference_accuracy"]
+    )
     assert result["held_out_pairs"] == 200
     assert result["held_out_preference_accuracy"] >= 0.75, result
