@@ -47,3 +47,19 @@ def mlflow_server(tmp_path_factory):
     server.start()
     yield server
     server.stop(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray instance for one test module, started only if none runs yet.
+
+    address="local": never attach to a cluster another process left running on this machine.
+    """
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    if started:
+        ray.shutdown()

@@ -333,13 +333,8 @@ def run_cfg(model: str, teacher: str, objective: dict, steps: int):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, records, bpe):
+def trained(tmp_path_factory, records, bpe, ray_session):
     """The teacher trained with CE (its own BPE tokenizer), and the student's initialisation."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     from kdray.train.trainer import distill
 
     root = tmp_path_factory.mktemp("cross-run")
@@ -347,9 +342,7 @@ def trained(tmp_path_factory, records, bpe):
     cfg = run_cfg(str(init), "tiny", {"method": "sft"}, TEACHER_STEPS)
     teacher = distill(cfg, *records, workdir=root, name="teacher")
     student = save_tiny_checkpoint(root / "student-init", hidden_size=64, num_layers=1, num_heads=2, seed=2)
-    yield root, str(teacher.export_path), str(student)
-    if started:
-        ray.shutdown()
+    return root, str(teacher.export_path), str(student)
 
 
 @pytest.mark.slow

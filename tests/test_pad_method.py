@@ -208,17 +208,6 @@ def test_judge_reads_letters_from_one_token_in_both_orders(tmp_path):
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:  # address="local": never attach to a cluster another process left running on this machine
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    if started:
-        ray.shutdown()
-
-
 def test_groups_stay_whole_through_ray_data_and_a_two_worker_split(ray_session):
     from kdray.data import generate_arithmetic, pipeline
     from kdray.train.batches import micro_batches

@@ -26,17 +26,6 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def teacher_path(tmp_path_factory):
     return str(
         save_tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "t", hidden_size=64, num_layers=2, seed=1)
