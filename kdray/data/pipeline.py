@@ -55,14 +55,9 @@ def paired_rows(
             f"micro-batch); train.batch_size = {block_rows}"
         )
     rows = pair_rows(records)
-    unit = block_rows * splits
-    keep = len(rows) // unit * unit
-    if keep == 0:
-        raise ValueError(
-            f"{len(records)} preference records give {len(rows)} rows, fewer than one global batch of "
-            f"{unit} rows (train.batch_size x train.num_workers): add pairs or lower the batch size"
-        )
-    return rows[:keep]
+    return whole_global_batches(
+        rows, block_rows=block_rows, splits=splits, what=f"{len(records)} preference records", add="pairs"
+    )
 
 
 def grouped_rows(
@@ -82,12 +77,30 @@ def grouped_rows(
         )
     if len(rows) % group_size:
         raise ValueError(f"{len(rows)} rows are not whole groups of {group_size}")
+    return whole_global_batches(
+        rows,
+        block_rows=block_rows,
+        splits=splits,
+        what=f"{len(rows) // group_size} prompt groups",
+        add="prompts",
+    )
+
+
+def whole_global_batches(
+    rows: Sequence[Any], *, block_rows: int, splits: int, what: str, add: str
+) -> list[Any]:
+    """The leading rows that fill whole global batches (`block_rows x splits`); the rest are dropped.
+
+    Why: equal blocks and whole micro-batches are what keep a pair or a group inside one micro-batch
+    (see `paired_rows`). Refuses data smaller than one global batch, naming `what` was given and what
+    to `add`.
+    """
     unit = block_rows * splits
     keep = len(rows) // unit * unit
     if keep == 0:
         raise ValueError(
-            f"{len(rows) // group_size} prompt groups give {len(rows)} rows, fewer than one global batch of "
-            f"{unit} rows (train.batch_size x train.num_workers): add prompts or lower the batch size"
+            f"{what} give {len(rows)} rows, fewer than one global batch of {unit} rows "
+            f"(train.batch_size x train.num_workers): add {add} or lower the batch size"
         )
     return list(rows[:keep])
 
