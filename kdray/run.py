@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -128,6 +127,7 @@ def append_results(cfg: Any, result: Any, args: argparse.Namespace, wall_s: floa
     from kdray.config import config_to_dict
     from kdray.data.cache import fingerprint
     from kdray.determinism import provenance
+    from kdray.results import append_rows
 
     evaluation = next((s for s in result.steps if s.step == "evaluate"), None)
     if evaluation is None:
@@ -141,12 +141,10 @@ def append_results(cfg: Any, result: Any, args: argparse.Namespace, wall_s: floa
         "steps_s": {s.step: 0.0 if s.cached else round(s.seconds, 1) for s in result.steps},
         "metric": evaluation.outputs["metric"],
     }
-    path = Path(cfg.workflow.results_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        for label, scores in evaluation.outputs["scores"].items():
-            f.write(json.dumps({"model": label, "scores": scores, **common}) + "\n")
-    return len(evaluation.outputs["scores"])
+    rows = (
+        {"model": label, "scores": scores, **common} for label, scores in evaluation.outputs["scores"].items()
+    )
+    return append_rows(cfg.workflow.results_file, rows)
 
 
 def sweep_command(args: argparse.Namespace) -> int:

@@ -48,9 +48,10 @@ def report(path: Path) -> str:
     """Mean ± std of held-out preference accuracy over seeds, per method (first row of each seed)."""
     import statistics
 
+    from kdray.results import read_rows
+
     rows: dict[tuple[str, int], dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_rows(path):
         rows.setdefault((r["method"], r["seed"]), r)  # a repeated seed re-runs the same arithmetic
     lines = [
         "| method | seeds | held-out preference accuracy | per seed | commits |",
@@ -103,6 +104,7 @@ def main() -> None:
     import ray
 
     from kdray.data.preferences import arithmetic_pair_splits
+    from kdray.results import append_rows
     from kdray.reward import preference_accuracy
     from kdray.train.trainer import distill
 
@@ -130,10 +132,7 @@ def main() -> None:
         **provenance(args.seed),
     }
     print(json.dumps({**row, "student": str(run.export_path)}), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:  # one line per run: the README's figure is read from here
-        f.write(json.dumps(row) + "\n")
+    append_rows(args.out, [row])  # one line per run: the README's figure is read from here
     ray.shutdown()
 
 

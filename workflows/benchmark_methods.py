@@ -12,7 +12,6 @@ sacreBLEU (translation), with greedy decoding.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -42,13 +41,6 @@ def _rows() -> dict[str, dict[str, Any]]:
         "teacher_generations": True,
     }
     return rows
-
-
-def _provenance(args: argparse.Namespace) -> dict[str, Any]:
-    """What a row was measured with: seed, commit, CPU model, threads and kernel level."""
-    from kdray.determinism import provenance
-
-    return provenance(args.seed)
 
 
 def _records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -152,14 +144,11 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.report_only:
-        rows_path = Path(args.out).with_suffix(".jsonl")
+        from kdray.results import read_rows
+
         shape = " ".join(_argv())
-        latest = {
-            r["model"]: r
-            for r in map(json.loads, rows_path.read_text().splitlines())
-            if r.get("args") == shape
-        }
-        _write(args, list(latest.values()))
+        rows = [r for r in read_rows(Path(args.out).with_suffix(".jsonl")) if r.get("args") == shape]
+        _write(args, list({r["model"]: r for r in rows}.values()))
         return
 
     from kdray.run import init_ray
@@ -168,31 +157,19 @@ def main() -> None:
     # methods hold a TeacherPool and the Ray Data teacher scorers beside the training worker: three
     # 1-CPU actors, which a 2-core machine runs oversubscribed (init_ray's local Ray has >= 4 CPUs)
     init_ray(quiet=True)
+    from kdray.results import ResumableResults
     from kdray.train.trainer import distill
 
     workdir = Path(args.workdir).resolve() / args.task
     train, held_out = _records(args)
     t_hidden, t_layers = map(int, args.teacher_size.split("x"))
     s_hidden, s_layers = map(int, args.student_size.split("x"))
-    rows: list[dict[str, Any]] = []
-
-    rows_path = Path(args.out).with_suffix(".jsonl")  # one line per finished model: resumable
-    # a row counts as done only under the same arguments (and row config): another setting re-runs it
-    shape = " ".join(_argv())
-    done = {
-        r["model"]: r
-        for r in (map(json.loads, rows_path.read_text().splitlines()) if rows_path.exists() else [])
-        if r.get("args") == shape
-    }
-    provenance = {**_provenance(args), "args": shape}
+    # one line per finished model: resumable; a row counts as done only under the same arguments
+    results = ResumableResults(Path(args.out).with_suffix(".jsonl"), shape=" ".join(_argv()), seed=args.seed)
+    done = results.done
 
     def record(row: dict[str, Any]) -> None:
-        if row["model"] not in done:  # rows of an earlier run are in the file already, provenance included
-            row = {**row, **provenance}
-            with rows_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        rows.append(row)
-        print(row, flush=True)
+        print(results.record(row), flush=True)
 
     started = time.time()
     # absolute: Ray workers do not run in this directory
@@ -271,7 +248,7 @@ def main() -> None:
                 "final_eval_loss": run.final.get("eval_loss"),
             }
         )
-    _write(args, rows)
+    _write(args, results.rows)
 
 
 def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:

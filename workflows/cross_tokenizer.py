@@ -39,19 +39,14 @@ def _shape(args: argparse.Namespace) -> str:
     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items()) if k not in skip)
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
-
-
 def report_table(path: Path) -> str:
     """The latest run in `path` (the rows sharing the arguments of its last row) as a markdown table."""
-    rows = _read(path)
-    if not rows:
+    from kdray.results import latest_run, read_rows
+
+    latest = latest_run(read_rows(path))
+    if not latest:
         return f"{path}: no rows yet"
-    shape = rows[-1].get("args")
-    latest = {r["model"]: r for r in rows if r.get("args") == shape}
+    shape = next(iter(latest.values()))["args"]
     lines = ["| model | exact match (%) | log-lik / token | minutes |", "|---|---:|---:|---:|"]
     for r in latest.values():
         lines.append(
@@ -172,7 +167,7 @@ def main() -> None:
 
     init_ray(quiet=True)  # first, before torch loads: the CPU kernel pins make the result machine-independent
     from kdray.data import arithmetic_splits
-    from kdray.determinism import provenance
+    from kdray.results import ResumableResults
     from kdray.train.trainer import distill
 
     started = time.time()
@@ -180,21 +175,14 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     train, held_out = arithmetic_splits(args.train_examples, args.eval_examples, args.seed, args.difficulty)
     teacher_init, student_init = build_models(args, train, workdir)
-    shape = _shape(args)
-    done = {r["model"]: r for r in _read(out) if r.get("args") == shape}
-    stamp = {**provenance(args.seed), "args": shape}
-    rows: list[dict[str, Any]] = []
+    results = ResumableResults(out, shape=_shape(args), seed=args.seed)
+    done = results.done
 
     def report(name: str, path: str, t0: float, run: Any = None) -> None:
         row = {"model": name, **score(path, held_out, args.max_response), "minutes": (time.time() - t0) / 60}
         if run is not None:
             row["final"] = {k: v for k, v in run.final.items() if "/" in k or k in ("loss", "eval_loss")}
-        row = {**row, **stamp}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(results.record(row)), flush=True)
 
     t0 = time.time()
     sft = {"method": "sft"}
@@ -208,7 +196,7 @@ def main() -> None:
         teacher = str(distill(cfg, train, held_out, workdir=workdir, name="teacher").export_path)
     for name, path in ((TEACHER, teacher), (INIT, student_init)):
         if name in done:
-            rows.append(done[name])
+            results.reuse(name)
         else:
             report(name, path, t0 if name == TEACHER else time.time())
     runs = [(spec, objective(spec)) for spec in args.runs.split(",") if spec]
@@ -216,7 +204,7 @@ def main() -> None:
         runs.append(("sft", sft))
     for name, student_objective in runs:
         if f"student: {name}" in done:
-            rows.append(done[f"student: {name}"])
+            results.reuse(f"student: {name}")
             continue
         t0 = time.time()
         cfg = _config(

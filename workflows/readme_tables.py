@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from kdray.results import latest_run, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,16 +40,13 @@ LABELS = {
 }
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def methods_table(path: Path, metric: str) -> str:
     """The latest run of `workflows/benchmark_methods.py` in `path`: the rows that share the arguments of
     the file's last row (a later run under other arguments replaces the table), one per model."""
-    rows = _rows(path)
-    shape = rows[-1].get("args")
-    latest = {r["model"]: r for r in rows if r.get("args") == shape}
+    latest = latest_run(read_rows(path))
+    if not latest:
+        raise ValueError(f"{path}: no rows; run the command its README section gives")
+    shape = next(iter(latest.values()))["args"]
     lines = [f"| model | {metric} | held-out CE | minutes |", "|---|---:|---:|---:|"]
     for r in latest.values():
         loss = f"{r['final_eval_loss']:.3f}" if r.get("final_eval_loss") is not None else ""
@@ -70,7 +68,9 @@ def methods_table(path: Path, metric: str) -> str:
 def run_table(path: Path) -> str:
     """The last run recorded in a `workflow.results_file` (the rows sharing its last row's command, commit
     and wall time): the evaluation table `kdray run` printed, and where and how fast it ran."""
-    rows = _rows(path)
+    rows = read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows; run the command its README section gives")
     last = rows[-1]
     run = [
         r

@@ -1,0 +1,41 @@
+"""Results files: a re-run resumes row by row under the same arguments, and re-runs under others."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kdray.results import ResumableResults, latest_run, read_rows
+
+
+def test_a_rerun_skips_finished_rows_and_another_setting_runs_its_own(tmp_path):
+    path = tmp_path / "bench" / "rows.jsonl"
+    first = ResumableResults(path, shape="--steps 10", seed=3)
+    first.record({"model": "teacher", "score": 70.0})
+    assert "student" not in first  # killed here: the student never finished
+
+    again = ResumableResults(path, shape="--steps 10", seed=3)
+    assert "teacher" in again and "student" not in again
+    again.reuse("teacher")
+    again.record({"model": "student", "score": 40.0})
+    again.record({"model": "teacher", "score": -1.0})  # already done: the file's row stands
+    rows = read_rows(path)
+    assert [r["model"] for r in rows] == ["teacher", "student"]
+    assert [r["model"] for r in again.rows] == ["teacher", "student", "teacher"]
+    assert again.rows[-1]["score"] == 70.0
+    assert {r["seed"] for r in rows} == {3} and all(r["commit"] and r["cpu"] for r in rows)
+
+    other = ResumableResults(path, shape="--steps 20", seed=3)
+    assert not other.done
+    other.record({"model": "teacher", "score": 75.0})
+    latest = latest_run(read_rows(path))
+    assert set(latest) == {"teacher"} and latest["teacher"]["score"] == 75.0
+
+
+def test_a_half_written_line_names_its_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"model": "a"}) + "\n\n" + '{"model": "b", "sc')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:3: not a JSON row"):
+        read_rows(path)
+    assert read_rows(tmp_path / "missing.jsonl") == []
