@@ -21,11 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed of the tiny models")
     check = sub.add_parser(
         "config",
-        help="load and check a YAML config (with overrides); print it with the method's terms resolved",
+        help="load and check a YAML config (with overrides), tokenizers included; print it with the method's "
+        "terms resolved",
     )
     _config_args(check, "`kdray config PATH` works too")
     check.add_argument(
         "--resolved", action="store_true", help="also say what the method needs and the teacher's temperature"
+    )
+    check.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="skip the tokenizer check (it reads the teacher's and student's tokenizer and config files)",
     )
     methods = sub.add_parser("methods", help="the distillation methods kdray trains, from their declarations")
     methods.add_argument("--json", action="store_true", help="a JSON list, one object per method")
@@ -174,12 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "config":
         from kdray.config import ConfigError, dump_config, load_config
+        from kdray.teacher.preflight import preflight_summary
         from kdray.validate import describe_resolved, validate_config
 
         try:
             cfg = load_config(args.config, args.overrides)
             validate_config(cfg)
-        except ConfigError as err:
+            if not args.no_preflight:  # what `kdray run` checks before any step, from small files only
+                print(preflight_summary(cfg), file=sys.stderr)
+        except (ConfigError, ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         if args.resolved:

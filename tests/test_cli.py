@@ -119,3 +119,23 @@ def test_doctor_exit_code_and_crashing_checks(capsys):
     assert doctor((fine, broken)) == 1
     out = capsys.readouterr().out
     assert "FAIL  broken" in out and "disk on fire" in out
+
+
+def test_config_checks_tokenizers_before_any_work(tmp_path, capsys):
+    """`kdray config` refuses a teacher/student pair `kdray run` would refuse, naming both and the fix."""
+    from kdray.models.tokenizer import char_tokenizer
+
+    teacher = save_tiny_checkpoint(tmp_path / "teacher", hidden_size=32, num_layers=1, seed=1)
+    student = save_tiny_checkpoint(tmp_path / "student", hidden_size=32, num_layers=1, seed=2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  name_or_path: {student}\nteacher:\n  name_or_path: {teacher}\n")
+    assert main(["config", str(cfg)]) == 0
+    assert "share one vocabulary" in capsys.readouterr().err
+
+    char_tokenizer("0123456789+-=abc").save_pretrained(student)  # another tokenizer beside the weights
+    assert main(["config", str(cfg), "objective.method=supervised_kd"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizers differ" in err and "objective.cross_tokenizer" in err
+    assert main(["config", str(cfg), "objective.method=seqkd"]) == 0  # text-only: any pair
+    assert "tokenizers differ" in capsys.readouterr().err
+    assert main(["config", str(cfg), "--no-preflight", "objective.method=supervised_kd"]) == 0

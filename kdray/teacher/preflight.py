@@ -178,3 +178,28 @@ def preflight_workflow(cfg: Any) -> VocabPlan | None:
             "which scores it live (python workflows/cross_tokenizer.py shows how), or use a text-only method"
         )
     return preflight_config(cfg)
+
+
+def preflight_summary(cfg: Any) -> str:
+    """`preflight_workflow`, said in a line for `kdray config`: the check `kdray run` makes before any
+    step (raises what it would raise, naming both tokenizers and the fix)."""
+    plan = preflight_workflow(cfg)
+    if plan is None:
+        how = "is built in code" if cfg.model.name_or_path == "tiny" else "starts from the teacher"
+        return f"[preflight] tokenizers: the student {how} and uses the teacher's tokenizer"
+    if plan.same_tokenizer:
+        sliced = (
+            f"; heads of {plan.teacher_head} (teacher) and {plan.student_head} (student) sliced to it"
+            if plan.needs_slicing
+            else ""
+        )
+        return f"[preflight] tokenizers: teacher and student share one vocabulary of {plan.vocab_size} tokens{sliced}"
+    return (
+        f"[preflight] tokenizers differ (teacher head {plan.teacher_head}, student head {plan.student_head}): "
+        f"accepted for method {cfg.objective.method!r}"
+        + (
+            f" with cross_tokenizer {cfg.objective.cross_tokenizer!r}"
+            if cfg.objective.cross_tokenizer
+            else ""
+        )
+    )
