@@ -173,11 +173,19 @@ def test_signal_cache_round_trip_feeds_training(ray_session, teacher_path, recor
     cache = SignalCache(tmp_path / "cache")
     assert cache.write(live, "k1", vocab_size=200, meta={"teacher": teacher_path}) == 32
     assert cache.complete("k1") and cache.metadata("k1")["rows"] == 32
-    cached = sorted(cache.read("k1").take_all(), key=lambda r: r["id"])
-    again = sorted(live.take_all(), key=lambda r: r["id"])
+    # one file for these 32 rows (not one per scoring batch), read back in the order they were scored
+    assert len(cache.files("k1")) == 1
+    cached, again = cache.read("k1").take_all(), live.take_all()
+    assert [r["id"] for r in cached] == [r["id"] for r in again] == [r["id"] for r in records[0][:32]]
     for a, b in zip(cached, again, strict=True):
         np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
         np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=2e-2)  # float16 storage
+    # a Tune trial's in-process reader: the same rows, order and values as Ray Data's
+    local = [row for batch in cache.local("k1").iter_batches(batch_size=5) for row in _rows(batch)]
+    assert [r["id"] for r in local] == [r["id"] for r in cached]
+    for a, b in zip(local, cached, strict=True):
+        for key in ("input_ids", "response_mask", "topk_ids", "topk_logprobs", "token_logprobs"):
+            np.testing.assert_array_equal(a[key], b[key])
     run = distill(
         cfg,
         records[0][:32],
@@ -200,3 +208,8 @@ def test_a_run_whose_actors_cannot_all_be_placed_is_refused(ray_session, teacher
     )  # fmt: skip
     with pytest.raises(RuntimeError, match=r"CPU: needs 17, the cluster has 6.*on-policy TeacherPool"):
         distill(cfg, *records, workdir=tmp_path, teacher_path=teacher_path)
+
+
+def _rows(batch):
+    n = len(batch["id"])
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]

@@ -175,16 +175,38 @@ def _per_column(batch: Mapping[str, Any], convert: Any) -> dict[str, Any]:
     return out
 
 
-def _compact_batch(batch: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
+def _compact_batch(batch: Mapping[str, Any], vocab_size: int) -> Any:
+    """The stored form of a scored block, as an Arrow table whose every array column is variable-shaped.
+
+    Why: blocks are padded to their own widths, so as fixed-shape tensors no two share a schema, and the
+    Parquet writer cannot put blocks of different schemas in one file (one file per block made the cache
+    slow to read). Variable-shaped tensors of one dtype and rank give every block the same schema."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowVariableShapedTensorArray
+
     from kdray.teacher.signal_store import compact
 
-    return _per_column(batch, lambda cols: compact(cols, vocab_size))
+    out = _per_column(batch, lambda cols: compact(cols, vocab_size))
+    columns = {}
+    for key, value in out.items():
+        value = np.asarray(value)
+        rows = value if value.ndim > 1 else None
+        if value.dtype == object and len(value) and isinstance(value[0], np.ndarray):
+            rows = value  # ragged rows already (a batch spanning blocks)
+        columns[key] = (
+            pa.array(value) if rows is None else ArrowVariableShapedTensorArray.from_numpy(list(rows))
+        )
+    return pa.table(columns)
 
 
 def _expand_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
     from kdray.teacher.signal_store import expand
 
     return _per_column(batch, expand)
+
+
+#: in-memory bytes of scored rows gathered into one cache file (the files on disk are smaller, compressed)
+SIGNAL_FILE_BYTES = 64 << 20
 
 
 class SignalCache:
@@ -210,7 +232,9 @@ class SignalCache:
         final, tmp = self.path(key), self.root / f".{key}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         stored = ds.map_batches(_compact_batch, fn_kwargs={"vocab_size": vocab_size}, batch_size=None)
-        stored.write_parquet(str(tmp))
+        # few large files, not one per scoring batch: each file costs the reader a Ray task (and, past a
+        # few dozen files, footer-reading tasks), which on a small machine took longer than the rows
+        stored.write_parquet(str(tmp), min_bytes_per_file=SIGNAL_FILE_BYTES)
         # count from the parquet footers: ds.count() would run the teacher over the data a second time
         import pyarrow.parquet as pq
 
