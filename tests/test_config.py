@@ -404,10 +404,15 @@ def test_every_field_has_a_docstring() -> None:
     # the house style: a one-line docstring under every field (the CLI and docs can show them)
     import ast
 
-    import kdray.config as module
+    import kdray.config as package
 
-    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
-    for node in tree.body:
+    nodes = [
+        node
+        for path in sorted(Path(package.__file__).parent.glob("*.py"))
+        for node in ast.parse(path.read_text(encoding="utf-8")).body
+    ]
+    assert sum(isinstance(n, ast.ClassDef) for n in nodes) >= 12  # every section was found
+    for node in nodes:
         if not (
             isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list)
         ):
