@@ -8,6 +8,7 @@ The two tokenizers are real and genuinely different: a byte-level BPE trained he
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -175,8 +176,26 @@ def test_workflow_refuses_a_mismatch_at_start_before_any_teacher(tmp_path, bpe_s
         run_workflow(cfg)
     assert time.perf_counter() - started < 30  # tokenizer files only (seconds, even on a busy machine)
     assert not list(cache_root(cfg).glob("teacher-*")) and not list(cache_root(cfg).glob("data-*"))
-    with pytest.raises(ConfigError, match="workflow's cached teacher pass"):
-        run_workflow(with_overrides(cfg, {"objective.cross_tokenizer": "uld"}))
+
+
+def test_workflow_distils_across_tokenizers_scoring_the_teacher_live(tmp_path, bpe_student_dir, ray_session):
+    """A BPE student from a character teacher through `kdray run`'s steps: no cached pass (it would hold
+    the student's tokens only); the distill step scores the teacher's own tokenization as it trains."""
+    from kdray.workflow import run_workflow
+    from kdray.workflow.teacher_outputs import LIVE_CROSS_TOKENIZER
+
+    teacher = save_tiny_checkpoint(tmp_path / "teacher", hidden_size=32, num_layers=1, seed=1)
+    cfg = load_config(None, [
+        f"model.name_or_path={bpe_student_dir}", f"teacher.name_or_path={teacher}", "teacher.top_k=null",
+        "objective.method=supervised_kd", "objective.cross_tokenizer=uld", "data.num_examples=48",
+        "data.eval_examples=4", "train.batch_size=4", "train.max_steps=3", "train.checkpoint_every=3",
+        "train.eval_every=3", "tracking.enabled=false", f"workflow.workdir={tmp_path / 'run'}",
+        "workflow.steps=[data,teacher,teacher_outputs,distill]", "workflow.baseline=false",
+    ])  # fmt: skip
+    steps = {s.step: s for s in run_workflow(cfg).steps}
+    assert steps["teacher_outputs"].outputs == {"signal_cache": None, "reason": LIVE_CROSS_TOKENIZER}
+    final = steps["distill"].outputs["final"]
+    assert final["step"] == 3 and math.isfinite(final["loss"]) and final["loss"] > 0
 
 
 def test_distill_refuses_a_mismatch_before_any_actor(tmp_path, records, bpe_student_dir):

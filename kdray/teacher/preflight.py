@@ -166,17 +166,7 @@ def preflight_config(cfg: Any, teacher_path: str | None = None) -> VocabPlan | N
 
 
 def preflight_workflow(cfg: Any) -> VocabPlan | None:
-    """`preflight_config` at the start of the workflow (and of a sweep's shared teacher pass), plus what
-    the workflow cannot run yet: its teacher pass is cached as the student's token ids, which holds no
-    teacher tokenization, so a cross-tokenizer loss is trained through `distill` (live scoring)."""
-    if cfg.objective.cross_tokenizer is not None:
-        from kdray.config import ConfigError
-
-        raise ConfigError(
-            f"objective.cross_tokenizer = {cfg.objective.cross_tokenizer!r}: the workflow's cached teacher "
-            "pass does not carry the teacher's own tokenization yet; train with kdray.train.trainer.distill, "
-            "which scores it live (python workflows/cross_tokenizer.py shows how), or use a text-only method"
-        )
+    """`preflight_config` at the start of the workflow (and of a sweep's shared teacher pass)."""
     return preflight_config(cfg)
 
 

@@ -67,6 +67,12 @@ def check_shared_teacher_pass(base: Config) -> list[str]:
     """
     from kdray.workflow import prefix_keys, teacher_outputs_wanted
 
+    if base.objective.cross_tokenizer is not None:
+        raise ConfigError(
+            f"objective.cross_tokenizer = {base.objective.cross_tokenizer!r}: a sweep's trials read one teacher "
+            "pass cached in the student's tokens, which holds no teacher tokenization; run each setting with "
+            "`kdray run` (its distill step scores the teacher live), or sweep a same-tokenizer student"
+        )
     want = prefix_keys(base)
     base_needs = teacher_outputs_wanted(base)
     per_pass: list[str] = []

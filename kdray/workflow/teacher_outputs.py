@@ -13,6 +13,12 @@ from typing import Any
 from kdray import __version__
 from kdray.workflow.base import StepContext, StepResult, read_jsonl
 
+#: why a cross-tokenizer run has no cached pass: the teacher scores its own tokenization of each row,
+#: which the distill step computes live (`kdray.teacher.cross_signal`) as it trains
+LIVE_CROSS_TOKENIZER = (
+    "objective.cross_tokenizer: the teacher scores its own tokenization of each row live in the distill step"
+)
+
 
 def teacher_outputs_step(ctx: StepContext, data: StepResult, teacher: StepResult) -> dict[str, Any]:
     """One teacher pass over the training split, written to the signal cache (log-probs, and the
@@ -26,6 +32,8 @@ def teacher_outputs_step(ctx: StepContext, data: StepResult, teacher: StepResult
     generations = needs_generations(cfg)
     if not (needs_signal(cfg) or generations):
         return {"signal_cache": None, "reason": f"method {cfg.objective.method!r} reads no teacher output"}
+    if cfg.objective.cross_tokenizer is not None:  # the cache holds rows in the student's tokens only
+        return {"signal_cache": None, "reason": LIVE_CROSS_TOKENIZER}
     t_path = teacher.outputs["path"]
     key = signal_cache_key(  # the teacher step's key names a trained teacher; a hub id names itself
         teacher=f"{t_path}@{teacher.key}", revision=cfg.teacher.revision, tokenizer=t_path,
