@@ -199,39 +199,3 @@ def reward_command(args: argparse.Namespace) -> int:
         print(json.dumps({"row": i, "id": row.get("id"), "chosen": c, "rejected": r, "correct": c > r}))
     print(f"preference accuracy: {accuracy_of(scored):.4f} over {len(scored)} pairs ({model.path})")
     return 0
-
-
-def reward_pyfunc_class() -> type:
-    """The MLflow pyfunc of a reward model, built on first use so importing kdray.reward skips mlflow.
-
-    Published as `kdray.reward.RewardPyfunc` so the pickled model refers to it by name; loading a logged
-    one needs kdray importable, as the student's pyfunc does.
-    """
-    if "RewardPyfunc" in globals():
-        return globals()["RewardPyfunc"]
-    import mlflow.pyfunc
-
-    class RewardPyfunc(mlflow.pyfunc.PythonModel):
-        """r(x, y) = Σ_t μ_t of `{prompt, response}` rows, with the logged export's reward head; the
-        model config holds the training's tokenization (max_prompt_tokens, max_response_tokens,
-        chat_template)."""
-
-        def load_context(self, context):
-            self.model = RewardModel(context.artifacts["student"], **dict(context.model_config or {}))
-
-        def predict(self, context, model_input, params=None):  # untyped: pyfunc passes DataFrames whole
-            """One reward per row of a `{prompt, response}` DataFrame or list of dicts (a `list[dict]`
-            hint would have pyfunc convert a DataFrame, and it keeps only its first column)."""
-            rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-            return self.model.scores(rows)
-
-    RewardPyfunc.__module__, RewardPyfunc.__qualname__ = __name__, "RewardPyfunc"
-    globals()["RewardPyfunc"] = RewardPyfunc
-    return RewardPyfunc
-
-
-def __getattr__(name: str) -> Any:
-    # unpickling a logged reward model looks up kdray.reward.RewardPyfunc before anything built it
-    if name == "RewardPyfunc":
-        return reward_pyfunc_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -299,7 +299,7 @@ class Tracker:
         only its pip requirements.
 
         Synchronous (registration needs the server) and retried 3 times. Returns the registered version,
-        None when not registered or on a non-zero rank. Loading it needs kdray importable (`StudentPyfunc`).
+        None when not registered or on a non-zero rank. The model's code is `kdray/serving/student.py`.
         An export that carries a reward head (X-KD, AVA) is also registered as `<registered_model>-reward`
         (`log_reward_model`, with `reward_tokenization`), beside the policy in the same run.
         """
@@ -310,7 +310,7 @@ class Tracker:
             raise FileNotFoundError(f"{export_dir} is not a save_pretrained directory (no config.json)")
         self.flush(timeout_s=30)  # the logged model copies the run's metrics: send them first
         version = self._log_pyfunc(
-            export_dir, artifact_path, _student_pyfunc_class()(),
+            export_dir, artifact_path, "student",
             {"max_new_tokens": max_new_tokens, "chat_template": chat_template}, registered_model, "the student",
         )  # fmt: skip
         from kdray.models.build import REWARD_HEAD_FILE
@@ -330,7 +330,7 @@ class Tracker:
         tokenization: Mapping[str, Any] | None = None,
     ) -> str | None:
         """Log the reward model of an export with a reward head as a pyfunc, r(x, y) = Σ_t μ_t per
-        `{prompt, response}` row (`kdray.reward.RewardPyfunc`); register it if named.
+        `{prompt, response}` row (`kdray/serving/reward.py`); register it if named.
 
         The logged artifact is the whole export (the head reads the student's hidden states).
         `tokenization` holds the training's `max_prompt_tokens`, `max_response_tokens`, `chat_template`
@@ -338,11 +338,11 @@ class Tracker:
         """
         if not self._active():
             return None
-        from kdray.reward import resolve_model_dir, reward_pyfunc_class
+        from kdray.reward import resolve_model_dir
 
         export_dir = resolve_model_dir(export_dir)  # a model with a head, or a clear error
         return self._log_pyfunc(
-            export_dir, artifact_path, reward_pyfunc_class()(), dict(tokenization or {}), registered_model,
+            export_dir, artifact_path, "reward", dict(tokenization or {}), registered_model,
             "the reward model",
         )  # fmt: skip
 
@@ -350,12 +350,14 @@ class Tracker:
         self,
         export_dir: Path,
         artifact_path: str,
-        python_model: Any,
+        model: str,
         model_config: Mapping[str, Any],
         registered_model: str | None,
         what: str,
     ) -> str | None:
         import mlflow
+
+        from kdray.serving import model_file
 
         def log() -> Any:
             with _fluent_tracking_uri(self.tracking_uri, self.experiment_id):
@@ -364,7 +366,7 @@ class Tracker:
                     name=artifact_path,
                     flavor=mlflow.pyfunc,
                     run_id=self.run_id,  # no mlflow.start_run: ending it would mark our run FINISHED
-                    python_model=python_model,
+                    python_model=model_file(model),  # models-from-code: no pickled object
                     artifacts={"student": str(export_dir)},
                     model_config=dict(model_config),
                     pip_requirements=_student_requirements(),  # skips inference (a subprocess load)
@@ -770,52 +772,3 @@ def _student_requirements() -> list[str]:
         except PackageNotFoundError:
             out.append(name)
     return out
-
-
-def _student_pyfunc_class() -> type:
-    """The pyfunc wrapper class, built on first use so importing this module does not import mlflow (~2 s).
-
-    It is published as `kdray.tracking.StudentPyfunc` so the pickled model refers to it by name.
-    """
-    if "StudentPyfunc" in globals():
-        return globals()["StudentPyfunc"]
-    import mlflow.pyfunc
-
-    class StudentPyfunc(mlflow.pyfunc.PythonModel):
-        """Greedy generation with a distilled student loaded by transformers from the logged export."""
-
-        def load_context(self, context):
-            from kdray.teacher.teacher import Teacher
-
-            config = context.model_config or {}
-            self.max_new_tokens = int(config.get("max_new_tokens", 64))
-            self.chat_template = bool(config.get("chat_template", True))
-            self.batch_size = int(config.get("batch_size", 32))
-            self.model = Teacher(
-                context.artifacts["student"],
-                top_k=1,
-                batch_size=self.batch_size,
-                chat_template=self.chat_template,
-            )
-
-        def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-            """Greedy answers to the prompts, rendered as in training (the chat template and generation
-            settings of the run's evaluation): the evaluate step's own generation path. The type hints
-            let pyfunc accept a `prompt` DataFrame."""
-            from kdray.eval.evaluate import greedy_generations
-
-            return greedy_generations(
-                self.model, list(model_input), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                chat_template=self.chat_template, desc="generating (registered student)",
-            )  # fmt: skip
-
-    StudentPyfunc.__module__, StudentPyfunc.__qualname__ = __name__, "StudentPyfunc"
-    globals()["StudentPyfunc"] = StudentPyfunc
-    return StudentPyfunc
-
-
-def __getattr__(name: str) -> Any:
-    # unpickling a logged student looks up kdray.tracking.StudentPyfunc before anything built it
-    if name == "StudentPyfunc":
-        return _student_pyfunc_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

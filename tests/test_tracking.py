@@ -302,6 +302,9 @@ def test_registered_student_answers_as_the_evaluate_step_in_a_fresh_process(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
     loaded = mlflow.pyfunc.load_model("models:/kdray-tiny-student/1")
     assert loaded.predict(pd.DataFrame({"prompt": prompts})) == expected  # the serving format
+    # models-from-code: the model is kdray/serving/student.py, run at load time, not a pickled object
+    flavor = mlflow.models.get_model_info("models:/kdray-tiny-student/1").flavors["python_function"]
+    assert flavor.get("model_code_path", "").endswith("student.py") and "python_model" not in flavor
 
 
 def test_keys_mlflow_would_reject_are_sanitised_not_dropped(sqlite_uri, tmp_path):
