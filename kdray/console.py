@@ -20,12 +20,31 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_VARIABLE, "") not in ("", "0")
 
 
+#: when quiet, in every process of a run: progress bars that are not kdray's, and Ray Data's INFO lines
+#: ("Dataset ... execution finished"; its warnings still show, and everything stays in the session logs'
+#: files only when verbose)
+QUIET_ENV = {
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",  # Ray's modules, in every actor
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" / "Writing model shards" bars
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" when a model is logged
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Created version 2 of model ..." (kdray prints the version itself)
+}
+
+
 def quiet_worker_env() -> dict[str, str]:
-    """Environment for every Ray worker of a run: the verbosity, and (when quiet) Python's deprecation
-    warnings off, which Ray's own modules raise in every Ray Data and Ray Train actor."""
+    """Environment for every Ray worker of a run: the verbosity, and when quiet `QUIET_ENV`."""
     if verbose():
         return {VERBOSE_VARIABLE: "1"}
-    return {"PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
+    return dict(QUIET_ENV)
+
+
+def quiet_this_process() -> None:
+    """`QUIET_ENV` in this process too (the driver), before transformers or Ray Data read it; a value
+    the user set is kept."""
+    if not verbose():
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
 
 
 def quiet_ray_data() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -36,14 +37,17 @@ def init_ray(address: str | None = None, quiet: bool = False) -> None:
     from kdray.determinism import pin_cpu_kernels
 
     pins = pin_cpu_kernels()  # before anything imports torch, so this process computes like its workers
+    from kdray.console import quiet_this_process, quiet_worker_env, verbose
+
+    quiet_this_process()  # before transformers or Ray Data are imported: they read it once
     import ray
 
     if ray.is_initialized():
         return
-    from kdray.console import quiet_worker_env
-
     env = {**pins, **quiet_worker_env()}
     options: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": not quiet}
+    if not verbose():
+        options["logging_level"] = logging.WARNING  # no "Started a local Ray instance" line
     if quiet:
         options["include_dashboard"] = False
     target = address or os.environ.get("RAY_ADDRESS") or "local"
