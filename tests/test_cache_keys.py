@@ -215,3 +215,19 @@ def test_a_teacher_less_method_trains_no_teacher(tmp_path):
     out = teacher_step(ctx, data)  # returns at once: nothing to train, no Ray needed
     assert out["path"] is None and "reads nothing of a teacher" in out["skipped"]
     assert list(ctx.directory.iterdir()) == []
+
+
+def test_a_data_efficiency_run_rescores_only_its_rows_and_keeps_the_teacher(tmp_path):
+    """`train.max_examples` limits what the student reads: the teacher pass (which scores exactly those
+    rows) gets a new key, the teacher does not, and the student's rows are the first N."""
+    from kdray.train.trainer import student_records, training_rows
+
+    cfg = config_from_dict(gsm8k_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", ROWS)))
+    few = with_overrides(cfg, {"train.max_examples": 4})
+    full, limited = prefix_keys(cfg), prefix_keys(few)
+    assert full["teacher"] == limited["teacher"] and full["data"] == limited["data"]
+    assert full["teacher_outputs"] != limited["teacher_outputs"]
+    records = [{"prompt": f"p{i}", "response": "r", "id": str(i)} for i in range(10)]
+    assert [r["id"] for r in student_records(few, records)] == ["0", "1", "2", "3"]
+    assert [r["id"] for r in training_rows(few, records, records[:2])[0]] == ["0", "1", "2", "3"]
+    assert len(student_records(cfg, records)) == 10

@@ -302,6 +302,9 @@ class TrainConfig:
     """Steps of linear warmup from 0 to `lr`."""
     max_steps: int = 200
     """Optimizer steps of the run."""
+    max_examples: int | None = None
+    """Train the student on the first N training rows only, repeated as epochs (data-efficiency studies);
+    None = all. The teacher still trains on, and the teacher step still reads, the whole split."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
     """Decay of the learning rate after warmup (to 0 at `max_steps`)."""
     grad_clip: float | None = 1.0
@@ -322,7 +325,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("num_workers", "cpus_per_worker", "batch_size", "grad_accum", "max_steps"):
             at_least(self, name, 1)
-        for name in ("checkpoint_every", "eval_every", "loss_chunk_size"):
+        for name in ("checkpoint_every", "eval_every", "loss_chunk_size", "max_examples"):
             at_least(self, name, 1)
         at_least(self, "lr", 0, strict=True)
         at_least(self, "weight_decay", 0)

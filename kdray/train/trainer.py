@@ -244,6 +244,7 @@ def distill(
 
     workdir = Path(workdir).resolve()
     extra: dict[str, Any] = {}
+    train_records = student_records(cfg, train_records)  # before PAD groups its prompts' responses
     if cfg.objective.method == "pad" and signal_dataset is None:
         # PAD's rows are built offline from the initial student's samples, scored by the teacher
         from kdray.train.pad_data import pad_rows
@@ -338,6 +339,7 @@ def training_rows(
     """The rows the datasets are built from: the records, or with `data.preferences` each pair as two
     consecutive rows (chosen, rejected) cut so that no block, shard or micro-batch splits a pair.
     Demonstrations may ride along with the pairs (`pair_sign` 0), but a split with no pair is refused."""
+    train_records = student_records(cfg, train_records)
     if not cfg.data.preferences:
         return rows_consumed(cfg, train_records), eval_records
     from kdray.data.pipeline import paired_rows
@@ -353,6 +355,13 @@ def training_rows(
     rows, splits = cfg.train.batch_size, cfg.train.num_workers
     train = paired_rows(train_records, block_rows=rows, splits=splits)
     return rows_consumed(cfg, train), paired_rows(eval_records, block_rows=rows, splits=splits)
+
+
+def student_records(cfg: Any, records: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+    """The training records the student may read: the first `train.max_examples` (all when None). The
+    teacher pass scores exactly these, so a cached pass and live scoring see the same rows."""
+    n = cfg.train.max_examples
+    return records if n is None else records[:n]
 
 
 def rows_consumed(cfg: Any, records: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:

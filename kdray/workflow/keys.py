@@ -20,7 +20,7 @@ from kdray.workflow.base import StepResult
 STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("data",),
     "teacher": ("teacher", "data.max_prompt_tokens", "data.max_response_tokens", "data.chat_template"),
-    "teacher_outputs": ("teacher", "data", "train.batch_size"),
+    "teacher_outputs": ("teacher", "data", "train.batch_size", "train.max_examples"),
     "distill": ("model", "objective", "train", "data", "teacher"),
     "baseline": ("model", "train", "data"),
     "evaluate": (

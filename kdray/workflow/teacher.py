@@ -56,6 +56,7 @@ def teacher_step(ctx: StepContext, data: StepResult) -> dict[str, Any]:
             "train.batch_size": t.batch_size,
             "train.grad_accum": 1,
             "train.max_steps": t.train_steps,
+            "train.max_examples": None,  # a data-efficiency study limits the student, not the teacher
             "train.lr": t.train_lr,
             "train.warmup_steps": min(20, t.train_steps // 10),
             "train.lr_schedule": "cosine",
