@@ -85,9 +85,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/pad")
     parser.add_argument("--out", default="benchmarks/pad.jsonl", help="results file (one line per run)")
+    parser.add_argument("--report", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args()
 
+    if args.report:
+        print(report(Path(args.out)))
+        return
+
     from kdray.determinism import provenance
+    from kdray.results import append_rows
     from kdray.run import init_ray
 
     init_ray(quiet=True)  # first, before torch loads: the CPU kernel pins make the result machine-independent
@@ -142,11 +148,32 @@ def main() -> None:
         **provenance(args.seed),
     }
     print(json.dumps({**row, "student": str(pad_run.export_path)}), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:  # one line per run
-        f.write(json.dumps(row) + "\n")
+    append_rows(args.out, [row])  # one line per run: the README's table is generated from it
     ray.shutdown()
+
+
+def report(path: Path) -> str:
+    """Every run in `path` as a markdown table: the teacher, the student before and after PAD."""
+    from kdray.results import read_rows
+
+    lines = [
+        "| teacher | student | SFT steps | PAD steps | teacher EM | before PAD | after PAD | PAD minutes | commit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in read_rows(path):
+        a = r["args"]
+        teacher = "given" if a.get("teacher_path") else f"{a['teacher_size']}, {a['teacher_steps']} steps"
+        lines.append(
+            f"| {teacher} | {a['student_size']} | {a['sft_steps']} | {a['pad_steps']} | "
+            f"{r['teacher_exact_match']:.1f} | {r['held_out_exact_match_before_pad']:.1f} | "
+            f"{r['held_out_exact_match_after_pad']:.1f} | {r['pad_minutes']:.1f} | {r['commit']} |"
+        )
+    first = read_rows(path)[0]
+    lines.append(
+        f"\nExact match (%) on {first['held_out_examples']} held-out problems; {first['cpu']}, "
+        f"{first['threads']} threads, kernels {first['cpu_kernels']}."
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,10 @@ TABLES: dict[str, Callable[[], str]] = {
     "multi30k": lambda: methods_table(ROOT / "BENCHMARKS_multi30k.jsonl", "sacreBLEU"),
     "ava": lambda: _workflow("ava").report(ROOT / "benchmarks" / "ava.jsonl"),
     "quickstart": lambda: run_table(ROOT / "benchmarks" / "quickstart.jsonl"),
+    "pad": lambda: _workflow("pad").report(ROOT / "benchmarks" / "pad.jsonl"),
+    "cross_tokenizer": lambda: _workflow("cross_tokenizer").report_table(
+        ROOT / "benchmarks" / "cross_tokenizer.jsonl"
+    ),
 }
 
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table -->)", re.S)
