@@ -34,35 +34,37 @@ from kdray.train.step import StepConfig, to_tensors, train_step
 
 @dataclass
 class LoopSpec:
-    """Everything a worker needs, flat and picklable (built from the config by `trainer.py`)."""
+    """Everything a worker needs, flat and picklable, built from the config by `trainer.loop_spec`.
+
+    No field repeats a config default: the values come from `kdray.config` (one home per default)."""
 
     student: dict[str, Any]
     terms: list[dict[str, Any]]
-    method: str = "xkd"
-    method_params: dict[str, Any] = field(default_factory=dict)
+    method: str
+    method_params: dict[str, Any]
     """The method's knobs, resolved from its declaration (`kdray.methods`) and the config."""
-    on_policy_fraction: float = 0.0
-    sampling_temperature: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_steps: int = 200
-    lr_schedule: str = "cosine"
-    grad_clip: float | None = 1.0
-    checkpoint_every: int = 50
-    eval_every: int = 50
-    log_every: int = 10
-    seed: int = 0
-    num_threads: int = 1
+    on_policy_fraction: float
+    sampling_temperature: float
+    max_new_tokens: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    max_steps: int
+    lr_schedule: str
+    grad_clip: float | None
+    checkpoint_every: int
+    eval_every: int
+    log_every: int
+    seed: int
+    num_threads: int
     """torch threads of the worker: the CPUs it holds (Ray sets no thread count a worker can rely on)."""
-    loss_chunk_size: int | None = None
-    use_gpu: bool = False
-    precision: str = "auto"
-    metrics_path: str | None = None
-    export_path: str | None = None
+    loss_chunk_size: int | None
+    use_gpu: bool
+    precision: str
+    metrics_path: str | None
+    export_path: str | None
     teacher_handles: list[Any] = field(default_factory=list)
     teacher_progress: Any = None
     tracking: dict[str, Any] | None = None
