@@ -181,6 +181,29 @@ def test_map_survives_a_replica_killed_mid_stream(pools, local, cluster):
     assert pool.stats()["replicas"][0]["served"] > served  # the restarted replica serves again
 
 
+def test_an_attached_pool_routes_around_a_killed_replica_and_leaves_the_actors(pools, local):
+    """What a training worker scoring its on-policy samples does: a pool over `pool.handles`, with the
+    same failover; closing it stops nothing (the pool that started the replicas owns them)."""
+    requests = _requests(12, seed=5)
+    expected = [local.a.score(r) for r in requests]
+    before = [r["pid"] for r in pools.main.health_check(timeout_s=60)]
+    attached = TeacherPool.attach(pools.main.handles, name="worker", max_restarts=2)
+    results = []
+    for i, signal_ in enumerate(attached.map("score", requests)):
+        results.append(signal_)
+        if i == 1:
+            os.kill(before[1], signal.SIGKILL)
+    for got, want in zip(results, expected, strict=True):
+        _assert_same_signal(got, want)
+    assert attached.retries > 0  # the killed replica's request went to the other one
+    attached.close()
+    report = pools.main.health_check(timeout_s=60)
+    assert [r["alive"] for r in report] == [True, True], report  # restarted by Ray, not killed by close()
+    assert report[0]["pid"] == before[0]
+    with pytest.raises(TeacherPoolError, match="closed"):
+        attached.submit("score", requests[0])
+
+
 def test_restarts_spent_gives_a_clear_error(pools):
     [info] = pools.doomed.wait_ready(timeout_s=60)
     os.kill(info["pid"], signal.SIGKILL)

@@ -116,16 +116,37 @@ class TeacherPool:
             )
         if teacher_cls is None:
             from kdray.teacher import Teacher as teacher_cls
-        self.name, self.max_in_flight, self.max_restarts = name, max_in_flight, max_restarts
-        self.max_request_retries, self.ready_timeout_s = max_request_retries, ready_timeout_s
-        self.resources = dict(resources or {})
         # max_task_retries=0: a failed call comes back to the pool, which re-sends it to a live replica
         # now instead of letting Ray hold it until this one has restarted and reloaded the model.
         actor = _ray().remote(teacher_cls).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, resources=self.resources, max_restarts=max_restarts,
+            num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(resources or {}), max_restarts=max_restarts,
             max_task_retries=max_task_retries, max_concurrency=1,
         )  # fmt: skip
-        self._replicas = [_Replica(i, actor.remote(**teacher_kwargs)) for i in range(replicas)]
+        handles = [actor.remote(**teacher_kwargs) for _ in range(replicas)]
+        self._start(handles, name=name, owns=True, resources=resources, max_restarts=max_restarts,
+                    max_in_flight=max_in_flight, max_request_retries=max_request_retries,
+                    ready_timeout_s=ready_timeout_s)  # fmt: skip
+
+    @classmethod
+    def attach(cls, handles: Iterable[Any], *, name: str = "teacher", max_restarts: int = 3,
+               max_in_flight: int = 2, max_request_retries: int = 3) -> TeacherPool:  # fmt: skip
+        """A pool over replicas another pool started (`pool.handles`), e.g. inside a training worker that
+        scores its on-policy samples: the same routing and failover; `close()` leaves the actors alone."""
+        pool = cls.__new__(cls)
+        pool._start(list(handles), name=name, owns=False, resources=None, max_restarts=max_restarts,
+                    max_in_flight=max_in_flight, max_request_retries=max_request_retries,
+                    ready_timeout_s=600.0)  # fmt: skip
+        return pool
+
+    def _start(self, handles: list[Any], *, name: str, owns: bool, resources: Mapping[str, float] | None,
+               max_restarts: int, max_in_flight: int, max_request_retries: int,
+               ready_timeout_s: float) -> None:  # fmt: skip
+        if not handles:
+            raise ValueError(f"teacher pool {name!r}: no replicas to route to")
+        self.name, self.max_in_flight, self.max_restarts = name, max_in_flight, max_restarts
+        self.max_request_retries, self.ready_timeout_s = max_request_retries, ready_timeout_s
+        self.resources, self._owns = dict(resources or {}), owns
+        self._replicas = [_Replica(i, handle) for i, handle in enumerate(handles)]
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()  # admitted, waiting for a replica; retries go first
         self._in_flight: dict[Any, tuple[_Request, _Replica]] = {}  # ObjectRef -> request
@@ -443,6 +464,8 @@ class TeacherPool:
             self._collector.join(timeout=5.0)
         for future in waiting:
             _resolve(future, error=TeacherPoolError(f"teacher pool {self.name!r} was closed"))
+        if not self._owns:  # attached: the pool that started the actors stops them
+            return
         ray = _ray()
         # let each teacher shut its engine down first: a killed actor's vLLM worker processes would
         # otherwise keep burning CPU (or holding GPU memory) for a minute

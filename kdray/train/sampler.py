@@ -29,8 +29,7 @@ class OnPolicySource:
         self.method = get_method(spec.method)
         self.adaptive = self.method.data == "adaptive"
         self.enabled = spec.on_policy_fraction > 0 or self.adaptive
-        self.handles = list(spec.teacher_handles)
-        if self.enabled and not self.handles:
+        if self.enabled and not spec.teacher_handles:
             raise ValueError(
                 f"method {spec.method!r} with on_policy_fraction={spec.on_policy_fraction} samples from the student "
                 "and needs a teacher pool to score the samples; none was passed to the trainer"
@@ -44,7 +43,7 @@ class OnPolicySource:
         self.latencies: list[float] = []
         self.on_policy_steps = 0
         self.last_on_policy = False
-        self._next_handle = rank
+        self._pool: Any = None  # the TeacherPool's routing and failover over its replicas, attached once
 
     def choice(self, step: int) -> str:
         """ "fresh" (sample now), "replay" (from the buffer) or "data": a pure function of (seed, step) and
@@ -103,23 +102,14 @@ class OnPolicySource:
         return self._teacher_lm
 
     def _submit(self, seqs: list[list[int]], lengths: list[int]) -> Any:
-        handle = self.handles[self._next_handle % len(self.handles)]
-        self._next_handle += 1
-        return handle, handle.score.remote(seqs, None, lengths), seqs, lengths
+        if self._pool is None:
+            from kdray.teacher.pool import TeacherPool
+
+            self._pool = TeacherPool.attach(self.spec.teacher_handles, name=f"teacher@rank{self.rank}")
+        return self._pool.submit("score", seqs, None, lengths)
 
     def _collect(self, prompts: Sequence[list[int]], samples: list[dict], submitted: Any, t0: float) -> dict:
-        import ray
-
-        handle, ref, seqs, lengths = submitted
-        for attempt in range(len(self.handles) + 1):
-            try:
-                signal = ray.get(ref)
-                break
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                if attempt == len(self.handles):
-                    raise
-                handle = self.handles[(self.handles.index(handle) + 1) % len(self.handles)]
-                ref = handle.score.remote(seqs, None, lengths)  # another replica answers instead
+        signal = submitted.result()  # another replica answers if this one died (TeacherPool)
         self.latencies.append(time.perf_counter() - t0)
         batch = sampled_batch(prompts, samples, lambda s, n: signal, self.pad_id)
         return regularize_batch(batch, self.pad_id)
