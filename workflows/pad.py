@@ -157,16 +157,23 @@ def report(path: Path) -> str:
     from kdray.results import read_rows
 
     lines = [
-        "| teacher | student | SFT steps | PAD steps | teacher EM | before PAD | after PAD | PAD minutes | commit |",
+        "| teacher | student | SFT steps | PAD steps | teacher EM | EM before → after PAD | held-out CE before → "
+        "after | PAD minutes | commit |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in read_rows(path):
         a = r["args"]
-        teacher = "given" if a.get("teacher_path") else f"{a['teacher_size']}, {a['teacher_steps']} steps"
+        given = a.get("teacher_path")
+        teacher = (
+            f"given ({Path(given).parts[-3]})"
+            if given
+            else f"{a['teacher_size']}, {a['teacher_steps']} steps"
+        )
         lines.append(
             f"| {teacher} | {a['student_size']} | {a['sft_steps']} | {a['pad_steps']} | "
-            f"{r['teacher_exact_match']:.1f} | {r['held_out_exact_match_before_pad']:.1f} | "
-            f"{r['held_out_exact_match_after_pad']:.1f} | {r['pad_minutes']:.1f} | {r['commit']} |"
+            f"{r['teacher_exact_match']:.1f} | {r['held_out_exact_match_before_pad']:.1f} → "
+            f"{r['held_out_exact_match_after_pad']:.1f} | {r['sft_eval_loss']:.3f} → "
+            f"{r['pad_final']['eval_loss']:.3f} | {r['pad_minutes']:.1f} | {r['commit']} |"
         )
     first = read_rows(path)[0]
     lines.append(
