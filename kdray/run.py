@@ -203,7 +203,7 @@ def eval_command(args: argparse.Namespace) -> int:
     cfg = load_checked_config(args.config, list(args.overrides))
     if cfg is None:
         return 2
-    from kdray.eval.evaluate import TASK_METRIC, greedy_generations, task_scores
+    from kdray.eval.evaluate import TASK_METRIC, score_model
     from kdray.eval.uncertainty import evaluate_models_lca, format_lca_table, lca_applies, not_applicable
     from kdray.workflow import format_table
 
@@ -221,13 +221,10 @@ def eval_command(args: argparse.Namespace) -> int:
     new_tokens = cfg.workflow.eval_max_new_tokens or cfg.data.max_response_tokens
     scores = {}
     for path in args.models:
-        texts = greedy_generations(
-            path,
-            [r["prompt"] for r in records],
-            max_new_tokens=new_tokens,
-            chat_template=cfg.data.chat_template,
-        )
-        scores[path] = task_scores(cfg.data.task, texts, records)
+        _, scores[path] = score_model(
+            path, records, task=cfg.data.task, max_new_tokens=new_tokens, chat_template=cfg.data.chat_template,
+            max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens,
+        )  # fmt: skip
     if args.data:
         print(f"scored on {args.data} ({len(records)} records)")
     print(format_table(scores, TASK_METRIC[cfg.data.task], cfg.data.task, len(records)))

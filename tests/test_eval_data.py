@@ -127,3 +127,34 @@ def test_a_missing_data_file_is_refused(tmp_path, capsys):
     cfg = _config(tmp_path / "cfg.yaml", "arithmetic")
     assert main(["eval", str(model), "--config", str(cfg), "--data", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_heldout_cross_entropy_is_the_mean_nll_of_the_reference_response_tokens(tmp_path):
+    """Against a direct forward of the model: -mean log p(response token | everything before it), with
+    the prompt and response cut as in training (the quantity training reports as eval_loss)."""
+    import torch
+
+    from kdray.data.tokenize import tokenize_example
+    from kdray.eval.evaluate import heldout_cross_entropy
+    from kdray.models.loading import load_causal_lm
+
+    path = save_tiny_checkpoint(tmp_path / "m", hidden_size=32, num_layers=1, seed=4)
+    records = [
+        {"prompt": "Tom has 3 apples and buys 4 more.", "response": "He has 3 + 4 = 7 apples.\n#### 7"},
+        {"prompt": "Mia has 12 pens.", "response": "#### 12"},
+        {"prompt": "Sam has 9 eggs and eats 2 of them today.", "response": "9 - 2 = 7\n#### 7"},
+    ]
+    shape = {"max_prompt_tokens": 24, "max_response_tokens": 12}  # both cut: truncation is part of it
+    model, tokenizer = load_causal_lm(str(path), device="cpu")
+    total, count = 0.0, 0
+    for r in records:
+        example = tokenize_example(tokenizer, r["prompt"], r["response"], chat_template=False, **shape)
+        ids = torch.tensor([example["input_ids"]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        targets = ids[0, 1:]
+        response = torch.tensor(example["response_mask"][1:], dtype=torch.bool)
+        total -= float(logprobs[torch.arange(len(targets)), targets][response].sum())
+        count += int(response.sum())
+    got = heldout_cross_entropy(path, records, chat_template=False, batch_size=2, **shape)
+    assert got == pytest.approx(total / count, rel=1e-4)

@@ -22,12 +22,11 @@ def evaluate_step(
     """Greedy held-out generations of the teacher, the SFT baseline and the student, scored for the
     task; sample generations and (X-KD) the reward heat-map go to MLflow. On exact-match tasks the two
     students also get the LCA uncertainty AUROCs (a second table; `workflow.lca_samples: 0` skips it)."""
-    from kdray.eval.evaluate import TASK_METRIC, greedy_generations, reward_rows, task_scores
+    from kdray.eval.evaluate import TASK_METRIC, reward_rows, score_model
     from kdray.eval.uncertainty import evaluate_models_lca, format_lca_table, lca_applies, not_applicable
 
     cfg = ctx.cfg
     records = read_jsonl(data.outputs["eval"])
-    prompts = [r["prompt"] for r in records]
     new_tokens = cfg.workflow.eval_max_new_tokens or cfg.data.max_response_tokens
     models = {"teacher": ("teacher", teacher.outputs["path"])} if teacher.outputs.get("path") else {}
     if baseline is not None:
@@ -37,11 +36,11 @@ def evaluate_step(
     scores: dict[str, dict[str, float]] = {}
     samples: list[dict[str, Any]] = []
     for short, (label, path) in models.items():
-        texts = greedy_generations(
-            path, prompts, max_new_tokens=new_tokens, chat_template=cfg.data.chat_template,
+        texts, scores[label] = score_model(
+            path, records, task=cfg.data.task, max_new_tokens=new_tokens, chat_template=cfg.data.chat_template,
+            max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens,
             desc=f"evaluating {label}",
         )  # fmt: skip
-        scores[label] = task_scores(cfg.data.task, texts, records)
         if ctx.tracker is not None:
             ctx.tracker.log_metrics({f"{short}/{k}": v for k, v in scores[label].items()}, step=0)
         for r, text in list(zip(records, texts, strict=True))[: cfg.workflow.samples]:
