@@ -64,3 +64,30 @@ def test_a_run_appends_its_table_rows_and_the_table_says_where_they_came_from(tm
     table = tables.run_table(results)
     assert "| teacher | 75.50 | 0.232 |" in table and "| student (xkd) | 33.50 | nan |" in table
     assert "`kdray run --config q.yaml train.seed=1`" in table and "512 s" in table
+
+
+def test_the_seeds_table_takes_each_data_seeds_latest_run_and_its_spread(tmp_path, monkeypatch):
+    import json
+
+    tables = _tables()
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+
+    def run(seed, wall, em, ce):
+        common = {
+            "command": f"kdray run data.seed={seed}",
+            "commit": "abc",
+            "wall_s": wall,
+            "data_seed": seed,
+        }
+        return [{"model": m, "scores": {"exact_match": e, "heldout_ce": c}, **common}
+                for m, e, c in zip(("teacher", "student"), em, ce, strict=True)]  # fmt: skip
+
+    rows = run(0, 1.0, (10.0, 1.0), (0.5, 0.9)) + run(0, 2.0, (70.0, 30.0), (0.1, 0.3))
+    rows += run(1, 3.0, (80.0, 40.0), (0.2, 0.5))
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = tables.seeds_table(path).splitlines()
+    assert lines[0] == "| model | exact_match (seed 0, 1; mean ± sd) | heldout_ce (seed 0, 1; mean ± sd) |"
+    # seed 0's earlier run (10.0, 1.0) is replaced by its later one
+    assert lines[2] == "| teacher | 70 / 80 (75 ± 7.1) | 0.1 / 0.2 (0.15 ± 0.071) |"
+    assert lines[3] == "| student | 30 / 40 (35 ± 7.1) | 0.3 / 0.5 (0.4 ± 0.14) |"

@@ -94,6 +94,42 @@ def run_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _runs(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The rows of a `workflow.results_file` grouped by run (command, commit and wall time), in order."""
+    runs: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        runs.setdefault((r["command"], r["commit"], r["wall_s"]), []).append(r)
+    return list(runs.values())
+
+
+def seeds_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldout_ce")) -> str:
+    """The latest run of each data seed in a `workflow.results_file`: per model, each seed's scores and
+    their mean ± standard deviation (a new data seed generates new problems and trains a new teacher)."""
+    import statistics
+
+    latest = {run[0]["data_seed"]: run for run in _runs(read_rows(path))}  # later runs replace earlier
+    seeds = sorted(latest)
+    models = list(dict.fromkeys(r["model"] for s in seeds for r in latest[s]))
+    head = " | ".join(f"{m} (seed {', '.join(map(str, seeds))}; mean ± sd)" for m in metrics)
+    lines = [f"| model | {head} |", "|---|" + "---:|" * len(metrics)]
+    for model in models:
+        cells = []
+        for metric in metrics:
+            values = [r["scores"].get(metric) for s in seeds for r in latest[s] if r["model"] == model]
+            got = [v for v in values if v is not None]
+            if len(got) < len(seeds):
+                cells.append(" / ".join("—" if v is None else f"{v:.3g}" for v in values))
+                continue
+            spread = statistics.stdev(got) if len(got) > 1 else 0.0
+            cells.append(
+                " / ".join(f"{v:.3g}" for v in got) + f" ({statistics.mean(got):.3g} ± {spread:.2g})"
+            )
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    commits = ", ".join(sorted({latest[s][0]["commit"] for s in seeds}))
+    lines += ["", f"From `{path.relative_to(ROOT)}`: the latest run of each data seed; commit {commits}."]
+    return "\n".join(lines)
+
+
 def _workflow(name: str) -> Any:
     """A sibling script as a module (the workflows directory is not a package)."""
     spec = importlib.util.spec_from_file_location(f"kdray_workflow_{name}", ROOT / "workflows" / f"{name}.py")
@@ -108,10 +144,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "multi30k": lambda: methods_table(ROOT / "BENCHMARKS_multi30k.jsonl", "sacreBLEU"),
     "ava": lambda: _workflow("ava").report(ROOT / "benchmarks" / "ava.jsonl"),
     "quickstart": lambda: run_table(ROOT / "benchmarks" / "quickstart.jsonl"),
+    "quickstart_seeds": lambda: seeds_table(ROOT / "benchmarks" / "quickstart.jsonl"),
     "pad": lambda: _workflow("pad").report(ROOT / "benchmarks" / "pad.jsonl"),
-    "cross_tokenizer": lambda: _workflow("cross_tokenizer").report_table(
-        ROOT / "benchmarks" / "cross_tokenizer.jsonl"
-    ),
 }
 
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table -->)", re.S)
