@@ -149,7 +149,7 @@ def test_search_space_maps_to_tune_domains():
 
 
 def test_best_config_yaml_loads_and_holds_the_trial_values(tmp_path, teacher):
-    from kdray.tune.runner import write_best_config
+    from kdray.tune.report import write_best_config
 
     cfg = config_from_dict(sweep_config(tmp_path, teacher))
     best = {"trial_id": "t_00003", "metric": 1.25, "step": STEPS,

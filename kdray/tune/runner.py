@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 from ray.tune import Callback
 
 from kdray.config import Config, config_to_dict, dump_config, with_overrides
+from kdray.tune.report import best_trial, max_evaluations, trial_rows, write_best_config
 
 logger = logging.getLogger("kdray.tune")
 
@@ -69,12 +70,6 @@ def _short(value: Any) -> str:
 def sweep_dir(cfg: Config) -> Path:
     """Where the sweep's Tune state, trials and best config live."""
     return Path(cfg.workflow.workdir).expanduser().resolve() / "sweeps" / cfg.tune.name
-
-
-def max_evaluations(cfg: Config) -> int:
-    """Reports a full-length trial makes: one per `train.eval_every` steps and one at the last step."""
-    t = cfg.train
-    return math.ceil(t.max_steps / t.eval_every)
 
 
 def run_sweep(
@@ -170,8 +165,8 @@ def run_sweep(
                 ),
             )
         results = tuner.fit()
-        rows = _rows(cfg, results, directory)
-        best = _best(cfg, rows)
+        rows = trial_rows(cfg, results, directory)
+        best = best_trial(cfg, rows)
         best_path = None
         if best is not None:
             best_path = write_best_config(cfg, best, directory / "best_config.yaml")
@@ -292,103 +287,6 @@ def _shared_pool(cfg: Config, teacher_path: str) -> Any:
     )
     pool.wait_ready()
     return pool
-
-
-def _rows(cfg: Config, results: Any, directory: Path) -> list[dict[str, Any]]:
-    """One row per trial: its sampled config, status, evaluations run and last reported metric."""
-    from kdray.tune.trial import EVENTS, trial_files
-
-    full = max_evaluations(cfg)
-    rows = []
-    for r in results:
-        metrics = r.metrics or {}
-        trial_id = metrics.get("trial_id") or _trial_id_of(r.path)
-        iterations = int(metrics.get("training_iteration", 0) or 0)
-        if r.error is not None:
-            status = "failed"
-        elif iterations >= full:
-            status = "completed"
-        else:
-            status = "stopped early"
-        value = metrics.get(cfg.tune.metric)
-        files = trial_files(directory, trial_id)
-        events = files / EVENTS
-        rows.append(
-            {
-                "trial_id": trial_id,
-                "status": status,
-                "iterations": iterations,
-                "metric": float(value) if isinstance(value, (int, float)) else None,
-                "step": metrics.get("step"),
-                "config": dict(r.config or {}),
-                "error": _error_line(r.error),
-                "path": str(files),
-                "tune_path": r.path,
-                "starts": _starts(events),
-            }
-        )
-    sign = 1 if cfg.tune.mode == "min" else -1
-    rows.sort(
-        key=lambda t: (
-            t["status"] == "failed",
-            t["metric"] is None,
-            sign * t["metric"] if t["metric"] is not None else 0,
-        )
-    )
-    return rows
-
-
-def _trial_id_of(path: str | None) -> str:
-    """A trial's id from its Tune directory name (`<trainable>_<id>_<index>_<values>_<date>`), for a
-    trial that failed before it reported anything."""
-    import re
-
-    found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(path).name) if path else None
-    return found.group(1) if found else "?"
-
-
-def _starts(events: Path) -> int:
-    """How many times the trial started: more than once when a restored sweep resumed it."""
-    if not events.exists():
-        return 0
-    lines = [line for line in events.read_text().splitlines() if line.strip()]
-    return sum(1 for line in lines if json.loads(line).get("event") == "start")
-
-
-def _error_line(error: BaseException | None) -> str | None:
-    if error is None:
-        return None
-    text = str(error).strip().splitlines()
-    return text[-1][:500] if text else type(error).__name__
-
-
-def _best(cfg: Config, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The best trial that ran its full length (a trial stopped early was judged worse at a rung); if
-    none did, the best of the rest."""
-    ok = [r for r in rows if r["status"] != "failed" and r["metric"] is not None]
-    full = [r for r in ok if r["status"] == "completed"] or ok
-    if not full:
-        return None
-    pick = min if cfg.tune.mode == "min" else max
-    return dict(pick(full, key=lambda r: r["metric"]))
-
-
-def write_best_config(cfg: Config, best: Mapping[str, Any], path: Path) -> Path:
-    """The best trial's config as a YAML for `workflows/xkd.py`: the base with its values, the same
-    checkpoint cadence, and an empty search space (it is one point now)."""
-    from kdray.tune.space import trial_config
-
-    chosen = with_overrides(trial_config(cfg, best["config"]), {"tune.search_space": {}})
-    header = [
-        f"# Best trial {best['trial_id']} of sweep {cfg.tune.name!r}: {cfg.tune.metric} = {best['metric']:.6g}",
-        "# after " + f"{best['step']} steps" if best.get("step") else "#",
-        "# Its sampled values: " + ", ".join(f"{k}={v!r}" for k, v in sorted(best["config"].items())),
-        "# Reproduce (or carry on to evaluation and registration):",
-        f"#   python workflows/xkd.py --config {path}",
-        "",
-    ]
-    path.write_text("\n".join(header) + dump_config(chosen))
-    return path
 
 
 def _write_summary(cfg: Config, result: SweepResult) -> None:
