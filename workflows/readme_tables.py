@@ -65,18 +65,16 @@ def methods_table(path: Path, metric: str) -> str:
     return "\n".join(lines)
 
 
-def run_table(path: Path) -> str:
-    """The last run recorded in a `workflow.results_file` (the rows sharing its last row's command, commit
-    and wall time): the evaluation table `kdray run` printed, and where and how fast it ran."""
-    rows = read_rows(path)
-    if not rows:
-        raise ValueError(f"{path}: no rows; run the command its README section gives")
-    last = rows[-1]
-    run = [
-        r
-        for r in rows
-        if (r["command"], r["commit"], r["wall_s"]) == (last["command"], last["commit"], last["wall_s"])
-    ]
+def run_table(path: Path, command: str | None = None) -> str:
+    """The last run recorded in a `workflow.results_file` (of `command`, when given: the README's own, not
+    a variant run with overrides): the evaluation table `kdray run` printed, and where and how fast it ran."""
+    runs = [run for run in _runs(read_rows(path)) if command is None or run[0]["command"] == command]
+    if not runs:
+        raise ValueError(
+            f"{path}: no rows of {command or 'any command'}; run the command its README section gives"
+        )
+    run = runs[-1]
+    last = run[-1]
     metric = last["metric"]
     extra = sorted({k for r in run for k in r["scores"]} - {metric})
     lines = [f"| model | {metric} | " + " | ".join(extra) + " |", "|---|" + "---:|" * (1 + len(extra))]
@@ -120,10 +118,8 @@ def seeds_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldout_
             if len(got) < len(seeds):
                 cells.append(" / ".join("—" if v is None else f"{v:.3g}" for v in values))
                 continue
-            spread = statistics.stdev(got) if len(got) > 1 else 0.0
-            cells.append(
-                " / ".join(f"{v:.3g}" for v in got) + f" ({statistics.mean(got):.3g} ± {spread:.2g})"
-            )
+            summary = f" ({statistics.mean(got):.3g} ± {statistics.stdev(got):.2g})" if len(got) > 1 else ""
+            cells.append(" / ".join(f"{v:.3g}" for v in got) + summary)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     commits = ", ".join(sorted({latest[s][0]["commit"] for s in seeds}))
     lines += ["", f"From `{path.relative_to(ROOT)}`: the latest run of each data seed; commit {commits}."]
@@ -143,7 +139,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "arithmetic": lambda: methods_table(ROOT / "BENCHMARKS_methods.jsonl", "exact match (%)"),
     "multi30k": lambda: methods_table(ROOT / "BENCHMARKS_multi30k.jsonl", "sacreBLEU"),
     "ava": lambda: _workflow("ava").report(ROOT / "benchmarks" / "ava.jsonl"),
-    "quickstart": lambda: run_table(ROOT / "benchmarks" / "quickstart.jsonl"),
+    "quickstart": lambda: run_table(
+        ROOT / "benchmarks" / "quickstart.jsonl", "kdray run --config workflows/configs/quickstart.yaml"
+    ),
     "quickstart_seeds": lambda: seeds_table(ROOT / "benchmarks" / "quickstart.jsonl"),
     "pad": lambda: _workflow("pad").report(ROOT / "benchmarks" / "pad.jsonl"),
 }
