@@ -105,7 +105,16 @@ def run_command(args: argparse.Namespace) -> int:
 
     terminate_as_interrupt()
     quiet_driver_loggers()
-    result = run_workflow(cfg, run_name=args.run_name)
+    try:
+        result = run_workflow(cfg, run_name=args.run_name)
+    except KeyboardInterrupt as stop:
+        reason = f" ({stop})" if str(stop) else ""
+        print(
+            f"\n[kdray] interrupted{reason}: finished steps and the last checkpoint of the running one are kept "
+            "(its MLflow run is marked KILLED); run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
     if cfg.workflow.results_file:
         rows = append_results(cfg, result, args, time.time() - started)
         print(f"\n{rows} result rows appended to {cfg.workflow.results_file}")

@@ -668,6 +668,21 @@ def close_stale_runs(tracking_uri: str, experiment: str) -> list[str]:
     return closed
 
 
+def close_child_runs(tracking_uri: str, parent_run_id: str, status: str = "KILLED") -> list[str]:
+    """Mark `status` the nested runs of `parent_run_id` still RUNNING: a workflow stopped by a signal
+    stops its step tasks with it, and they cannot end their own runs. Returns the ids it closed."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    where = f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    closed = []
+    for run in client.search_runs([parent.info.experiment_id], filter_string=where, max_results=1000):
+        client.set_terminated(run.info.run_id, status=status)
+        closed.append(run.info.run_id)
+    return closed
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

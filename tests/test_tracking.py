@@ -323,6 +323,24 @@ def test_keys_mlflow_would_reject_are_sanitised_not_dropped(sqlite_uri, tmp_path
     assert data.metrics["student SFT only/exact_match"] == 3.0
 
 
+def test_a_stopped_workflow_closes_the_nested_runs_its_steps_left_running(sqlite_uri):
+    import mlflow
+
+    from kdray.tracking import close_child_runs
+
+    client = mlflow.MlflowClient(sqlite_uri)
+    experiment = client.create_experiment("stopped-workflow")
+    parent = client.create_run(experiment)
+    running = client.create_run(experiment, tags={"mlflow.parentRunId": parent.info.run_id})
+    done = client.create_run(experiment, tags={"mlflow.parentRunId": parent.info.run_id})
+    client.set_terminated(done.info.run_id, status="FINISHED")
+    unrelated = client.create_run(experiment)
+    assert close_child_runs(sqlite_uri, parent.info.run_id) == [running.info.run_id]
+    status = {n: client.get_run(r.info.run_id).info.status
+              for n, r in (("running", running), ("done", done), ("unrelated", unrelated), ("parent", parent))}  # fmt: skip
+    assert status == {"running": "KILLED", "done": "FINISHED", "unrelated": "RUNNING", "parent": "RUNNING"}
+
+
 def test_runs_left_running_by_a_dead_process_are_marked_killed(sqlite_uri):
     import socket
     import subprocess

@@ -190,6 +190,47 @@ def test_killed_during_distill_rerun_skips_finished_steps_and_finishes(tmp_path)
     assert "student (xkd)" in out  # the final table is printed
 
 
+@pytest.mark.slow
+def test_sigterm_stops_the_run_with_a_resume_hint_and_its_mlflow_runs_killed(tmp_path):
+    """`kill` (or a scheduler's stop) mid-distill: exit 130, one line saying how to resume instead of a
+    traceback, and no MLflow run left RUNNING."""
+    from mlflow import MlflowClient
+
+    from kdray.models.tiny import save_tiny_checkpoint
+
+    workdir = tmp_path / "run"
+    teacher = save_tiny_checkpoint(tmp_path / "teacher", hidden_size=32, num_layers=1, seed=1)
+    cfg = tiny_config(
+        workdir, teacher={"name_or_path": str(teacher)},
+        train={"max_steps": 400, "checkpoint_every": 4, "eval_every": 200},
+        tracking={"enabled": True, "log_every": 4}, workflow={"baseline": False},
+    )  # fmt: skip
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    cmd = [PYTHON, str(REPO / "workflows" / "xkd.py"), "--config", str(path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        _wait_for(
+            lambda: any(_logged_steps(d / "student" / "metrics.jsonl") for d in (workdir / "steps").glob("distill-*")),
+            timeout=400, proc=proc, what="the distill step's first logged step",
+        )  # fmt: skip
+        proc.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` does
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, (out + err)[-3000:]
+    assert "[kdray] interrupted" in err and "run the same command again to resume" in err
+    # no traceback from the driver (Ray's own workers may print theirs as they are torn down)
+    assert not any(line.startswith("Traceback") for line in err.splitlines()), err[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and all(r.info.status != "RUNNING" for r in runs), [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
+    assert "KILLED" in {r.info.status for r in runs}
+
+
 # ------------------------------------------------------------------------------ ray job submit
 
 

@@ -7,6 +7,7 @@ metrics on the parent run.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -83,6 +84,10 @@ def run_workflow(cfg: Config, *, run_name: str | None = None) -> WorkflowResult:
     except KeyboardInterrupt:
         if parent is not None:
             parent.close(status="KILLED")
+            from kdray.tracking import close_child_runs
+
+            with contextlib.suppress(Exception):  # the store may be what failed; the resume closes them
+                close_child_runs(parent.tracking_uri, parent.run_id)
         raise
     except BaseException:
         if parent is not None:
