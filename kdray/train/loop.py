@@ -65,6 +65,9 @@ class LoopSpec:
     export_path: str | None = None
     teacher_handles: list[Any] = field(default_factory=list)
     teacher_progress: Any = None
+    resume_from: str | None = None
+    """A checkpoint directory to restore when Ray Train has none (its snapshot was damaged:
+    `kdray.train.resume`)."""
     tracking: dict[str, Any] | None = None
     """MLflow run to log per-step metrics into from rank 0: {tracking_uri, experiment, run_id, spool_dir}."""
     progress_desc: str | None = None
@@ -168,12 +171,18 @@ def _build(spec: LoopSpec, device: torch.device) -> tuple[Student, Any, Any, Any
     return student, tokenizer, optimizer, scheduler
 
 
-def _restore(student: Student, optimizer: Any, scheduler: Any, state: _State, session: Any) -> None:
+def _restore(
+    student: Student, optimizer: Any, scheduler: Any, state: _State, session: Any, resume_from: str | None
+) -> None:
+    """From the runner's latest checkpoint, else from `resume_from` (a directory), else nothing."""
     checkpoint = session.checkpoint()
-    if checkpoint is None:
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            saved = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
+    elif resume_from is not None:
+        saved = torch.load(Path(resume_from) / "state.pt", map_location="cpu", weights_only=True)
+    else:
         return
-    with checkpoint.as_directory() as directory:
-        saved = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
     student.load_state_dict(saved["student"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -311,7 +320,7 @@ class TrainingLoop:
         self.device = session.device(spec.use_gpu)
         self.student, self.tokenizer, self.optimizer, self.scheduler = _build(spec, self.device)
         self.state = _State(spec)
-        _restore(self.student, self.optimizer, self.scheduler, self.state, session)
+        _restore(self.student, self.optimizer, self.scheduler, self.state, session, spec.resume_from)
         self.student = session.prepare(self.student)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
