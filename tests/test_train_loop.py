@@ -110,14 +110,17 @@ def test_a_persistent_nan_is_refused_again_after_a_restore_naming_the_step(tmp_p
 
 
 def test_a_damaged_run_snapshot_resumes_from_the_latest_intact_checkpoint(tmp_path):
-    """A full disk empties Ray Train's snapshot and cuts the last checkpoint short: the run resumes from
-    the checkpoint before it and logs the uninterrupted run's losses from there on."""
+    """A full disk removes or empties Ray Train's snapshot and cuts the last checkpoint short: the run
+    resumes from the checkpoint before it and logs the uninterrupted run's losses from there on."""
     rows, run_dir = _rows(), tmp_path / "ray_train" / "distill"
     run_dir.mkdir(parents=True)
     TrainingLoop(
         _spec(tmp_path / "full.jsonl", max_steps=6, checkpoint_every=2), Session(Rows(rows), keep_in=run_dir)
     ).run()
-    assert recover_damaged_snapshot(run_dir) is None  # no snapshot: Ray's business, nothing touched
+    (run_dir / SNAPSHOT).write_text('{"checkpoints": []}')
+    assert recover_damaged_snapshot(run_dir) is None  # a valid snapshot: Ray's business, nothing touched
+    (run_dir / SNAPSHOT).unlink()  # a full disk may leave none at all: Ray would start over
+    assert recover_damaged_snapshot(run_dir) == run_dir / "checkpoint_006"
     (run_dir / SNAPSHOT).write_text("")
     last = run_dir / "checkpoint_006" / "state.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])

@@ -1,12 +1,14 @@
-"""Resume a run whose Ray Train snapshot file was damaged, from its own last intact checkpoint.
+"""Resume a run whose Ray Train snapshot file a full disk damaged or removed, from its own last intact
+checkpoint.
 
-Why: Ray Train (v2) rewrites `checkpoint_manager_snapshot.json` in place after every checkpoint. A disk
-that fills up at that moment leaves the file empty or cut short, and every later run of the same name
-refuses to start (CheckpointManagerInitializationError: "Expecting value: line 1 column 1 (char 0)")
-although the checkpoint directories beside it are intact (`workflows/faults.py`, fault `disk_full`).
-A kdray checkpoint is one `state.pt` holding model, optimizer, RNG and the data position, so the
-latest one that loads is a correct place to resume: the damaged snapshot is moved aside (Ray starts a
-fresh one) and the training loop restores that directory itself (`LoopSpec.resume_from`).
+Why: Ray Train (v2) rewrites `checkpoint_manager_snapshot.json` after every checkpoint, in place. A disk
+that fills up at that moment leaves the file empty (every later run of the same name then refuses to
+start: CheckpointManagerInitializationError "Expecting value: line 1 column 1 (char 0)") or no file at
+all (the next run silently starts over from step 1), although the checkpoint directories beside it are
+intact (`workflows/faults.py`, fault `disk_full`). A kdray checkpoint is one `state.pt` holding model,
+optimizer, RNG and the data position, so the latest one that loads is a correct place to resume: a
+damaged snapshot is moved aside (Ray starts a fresh one) and the training loop restores that directory
+itself (`LoopSpec.resume_from`).
 """
 
 from __future__ import annotations
@@ -22,23 +24,27 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constant
 
 
 def recover_damaged_snapshot(run_dir: str | Path) -> Path | None:
-    """If the Ray Train snapshot in `run_dir` is not valid JSON, move it aside (`*.damaged-<time>`) and
-    return the checkpoint directory to resume from (None: no intact one, the run starts over, with a
-    warning). A valid or absent snapshot is left to Ray: None, and nothing is touched."""
-    snapshot = Path(run_dir) / SNAPSHOT
-    if not snapshot.is_file():
+    """The checkpoint directory to resume from when Ray Train cannot say: its snapshot in `run_dir` is
+    not valid JSON (moved aside as `*.damaged-<time>`) or missing beside `checkpoint_*` directories.
+    None when the snapshot is valid (Ray resumes by itself; nothing is touched) or no checkpoint is
+    intact (the run starts over, with a warning if there were any)."""
+    run_dir = Path(run_dir)
+    snapshot = run_dir / SNAPSHOT
+    if snapshot.is_file():
+        try:
+            json.loads(snapshot.read_bytes().decode("utf-8"))
+            return None
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+            aside = snapshot.with_name(f"{SNAPSHOT}.damaged-{int(time.time())}")
+            snapshot.rename(aside)
+            what = f"damaged (a full disk while it was written?); moved to {aside.name}"
+    elif any(run_dir.glob("checkpoint_*")):
+        what = "missing beside its checkpoints (a full disk while it was written?)"
+    else:
         return None
-    try:
-        json.loads(snapshot.read_bytes().decode("utf-8"))
-        return None
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
-        pass
     latest = latest_intact_checkpoint(run_dir)
-    aside = snapshot.with_name(f"{SNAPSHOT}.damaged-{int(time.time())}")
-    snapshot.rename(aside)
     logger.warning(
-        "Ray Train's run snapshot %s was damaged (a full disk while it was written?); moved to %s. %s",
-        snapshot, aside.name,
+        "Ray Train's run snapshot %s is %s. %s", snapshot, what,
         f"Resuming from {latest}." if latest else "No intact checkpoint is left: the run starts over.",
     )  # fmt: skip
     return latest
