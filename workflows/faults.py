@@ -400,7 +400,15 @@ def main() -> int:
     from kdray.results import ResumableResults
     from kdray.run import init_ray
 
-    init_ray(quiet=True)  # first, before torch loads: the CPU kernel pins make runs machine-independent
+    for attempt in range(3):  # first, before torch loads: the CPU kernel pins make runs machine-independent
+        try:
+            init_ray(quiet=True)
+            break
+        except Exception as err:  # Ray gives its raylet 30 s to register, which a loaded machine can miss
+            if "timed out during startup" not in str(err) or attempt == 2:
+                raise
+            print(f"Ray did not start ({err}); trying again", flush=True)
+            time.sleep(10)
     results = ResumableResults(args.out, shape=f"steps={STEPS} rows={ROWS} checkpoint_every={EVERY}", seed=0)
     workdir = Path(args.workdir).resolve()
     bench = Bench(workdir)
