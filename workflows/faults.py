@@ -366,13 +366,13 @@ def mlflow_down(bench: Bench) -> dict[str, Any]:
 
 
 FAULTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
-    "driver_killed": driver_killed,
     "worker_killed": worker_killed,
     "teacher_killed": teacher_killed,
     "mlflow_down": mlflow_down,
     "nan_loss": nan_loss,
     "malformed_rows": malformed_rows,
     "disk_full": disk_full,
+    "driver_killed": driver_killed,  # last: it starts Ray instances of its own, three times
 }
 
 
@@ -412,15 +412,15 @@ def main() -> int:
     from kdray.results import ResumableResults
     from kdray.run import init_ray
 
-    for attempt in range(3):  # first, before torch loads: the CPU kernel pins make runs machine-independent
+    for attempt in range(10):  # first, before torch loads: the CPU kernel pins make runs machine-independent
         try:
             init_ray(quiet=True)
             break
         except Exception as err:  # Ray gives its raylet 30 s to register, which a loaded machine can miss
-            if RAY_START_FAILED not in str(err) or attempt == 2:
+            if RAY_START_FAILED not in str(err) or attempt == 9:
                 raise
             print(f"Ray did not start ({err}); trying again", flush=True)
-            time.sleep(10)
+            time.sleep(20)
     results = ResumableResults(args.out, shape=f"steps={STEPS} rows={ROWS} checkpoint_every={EVERY}", seed=0)
     workdir = Path(args.workdir).resolve()
     bench = Bench(workdir)
