@@ -108,6 +108,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "multi30k": lambda: methods_table(ROOT / "BENCHMARKS_multi30k.jsonl", "sacreBLEU"),
     "ava": lambda: _workflow("ava").report(ROOT / "benchmarks" / "ava.jsonl"),
     "quickstart": lambda: run_table(ROOT / "benchmarks" / "quickstart.jsonl"),
+    "faults": lambda: _workflow("faults").report(ROOT / "benchmarks" / "faults.jsonl"),
 }
 
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table -->)", re.S)
