@@ -29,7 +29,7 @@ from kdray.train.batches import micro_batches, regularize_batch
 from kdray.train.sampler import OnPolicySource
 from kdray.train.schedule import lr_lambda
 from kdray.train.state import method_state
-from kdray.train.step import StepConfig, to_tensors, train_step
+from kdray.train.step import NonFiniteLossError, StepConfig, to_tensors, train_step
 
 
 @dataclass
@@ -67,6 +67,9 @@ class LoopSpec:
     export_path: str | None
     teacher_handles: list[Any] = field(default_factory=list)
     teacher_progress: Any = None
+    resume_from: str | None = None
+    """A checkpoint directory to restore when Ray Train has none (its snapshot was damaged:
+    `kdray.train.resume`)."""
     tracking: dict[str, Any] | None = None
     """MLflow run to log per-step metrics into from rank 0: {tracking_uri, experiment, run_id, spool_dir}."""
     progress_desc: str | None = None
@@ -76,17 +79,27 @@ class LoopSpec:
 
 
 class _State:
-    """Loop position and the method's own state (`kdray.train.state`), checkpointed together."""
+    """Loop position and the method's own state (`kdray.train.state`), checkpointed together.
+
+    `bad_steps` (consecutive non-finite steps) is part of it: a restart after NonFiniteLossError would
+    otherwise count from zero and let a persistently NaN run finish with its steps silently skipped.
+    """
 
     def __init__(self, spec: LoopSpec) -> None:
-        self.step, self.consumed = 0, 0
+        self.step, self.consumed, self.bad_steps = 0, 0, 0
         self.method = method_state(spec.method, spec.max_steps, spec.method_params, spec.seed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "consumed": self.consumed, "method": self.method.state_dict()}
+        return {
+            "step": self.step,
+            "consumed": self.consumed,
+            "bad_steps": self.bad_steps,
+            "method": self.method.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.consumed = state["step"], state["consumed"]
+        self.bad_steps = state.get("bad_steps", 0)
         self.method.load_state_dict(state.get("method") or {})
 
 
@@ -160,12 +173,18 @@ def _build(spec: LoopSpec, device: torch.device) -> tuple[Student, Any, Any, Any
     return student, tokenizer, optimizer, scheduler
 
 
-def _restore(student: Student, optimizer: Any, scheduler: Any, state: _State, session: Any) -> None:
+def _restore(
+    student: Student, optimizer: Any, scheduler: Any, state: _State, session: Any, resume_from: str | None
+) -> None:
+    """From the runner's latest checkpoint, else from `resume_from` (a directory), else nothing."""
     checkpoint = session.checkpoint()
-    if checkpoint is None:
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            saved = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
+    elif resume_from is not None:
+        saved = torch.load(Path(resume_from) / "state.pt", map_location="cpu", weights_only=True)
+    else:
         return
-    with checkpoint.as_directory() as directory:
-        saved = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
     student.load_state_dict(saved["student"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -303,7 +322,7 @@ class TrainingLoop:
         self.device = session.device(spec.use_gpu)
         self.student, self.tokenizer, self.optimizer, self.scheduler = _build(spec, self.device)
         self.state = _State(spec)
-        _restore(self.student, self.optimizer, self.scheduler, self.state, session)
+        _restore(self.student, self.optimizer, self.scheduler, self.state, session, spec.resume_from)
         self.student = session.prepare(self.student)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -314,6 +333,7 @@ class TrainingLoop:
         self.step_cfg = StepConfig(
             grad_clip=spec.grad_clip, chunk_size=spec.loss_chunk_size, vocab_size=len(tok), autocast_bf16=bf16
         )
+        self.step_cfg.bad_steps = self.state.bad_steps  # the count goes on across a restore
         self.stream = micro_batches(
             session.dataset("train"), spec.batch_size, self.pad_id, skip=self.state.consumed * spec.grad_accum
         )
@@ -369,11 +389,17 @@ class TrainingLoop:
             self.first_step_at = self.first_step_at or time.time()
             started = time.perf_counter()
             tensors = [to_tensors(m, self.device) for m in micro]
-            logs = train_step(
-                self.student, self.optimizer, self.objective, tensors, self.step_cfg,
-                runtime={**state.method.runtime(), **self.cross_runtime},
-                lm_batches=[to_tensors(m, self.device) for m in lm], lm_coef=self.lm_coef,
-            )  # fmt: skip
+            try:
+                logs = train_step(
+                    self.student, self.optimizer, self.objective, tensors, self.step_cfg,
+                    runtime={**state.method.runtime(), **self.cross_runtime},
+                    lm_batches=[to_tensors(m, self.device) for m in lm], lm_coef=self.lm_coef,
+                )  # fmt: skip
+            except NonFiniteLossError as err:
+                kept = state.step - state.step % spec.checkpoint_every
+                where = f"the checkpoint of step {kept} is kept" if kept else "no checkpoint was written yet"
+                raise NonFiniteLossError(f"step {state.step + 1}: {err}; {where}") from err
+            state.bad_steps = self.step_cfg.bad_steps
             self.scheduler.step()
             state.step += 1
             advance_method_state(state.method, state.step, logs["loss"])

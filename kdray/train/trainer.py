@@ -265,6 +265,10 @@ def distill(
     )  # fmt: skip
     spec = loop_spec(cfg, teacher_path=teacher_path, metrics_path=metrics_path, export_path=export_path)
     spec.teacher_progress = progress
+    from kdray.train.resume import recover_damaged_snapshot
+
+    resume_from = recover_damaged_snapshot(workdir / "ray_train" / name)
+    spec.resume_from = str(resume_from) if resume_from else None
     spec.tracking = dict(tracking) if tracking else None
     spec.progress_desc = progress_desc
     spec.progress_bar = progress_bar
