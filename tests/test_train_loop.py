@@ -83,12 +83,20 @@ def _rows(nan_from: int | None = None) -> list[dict[str, np.ndarray]]:
     return rows
 
 
-def _spec(metrics: Path, **kw) -> LoopSpec:
-    return LoopSpec(
-        student={"name_or_path": "tiny", "init": "scratch", "tiny_layers": 1, "tiny_hidden": 32},
-        terms=[{"name": "forward_kl", "weight": 1.0, "params": {}}],
-        batch_size=1, eval_every=100, log_every=1, metrics_path=str(metrics), **kw,
-    )  # fmt: skip
+def _spec(metrics: Path, resume_from: str | None = None, **train) -> LoopSpec:
+    """The worker spec `distill` would build for this config (`trainer.loop_spec`)."""
+    from kdray.config import config_from_dict
+    from kdray.train.trainer import loop_spec
+
+    cfg = config_from_dict({
+        "model": {"name_or_path": "tiny", "init": "scratch", "tiny_layers": 1, "tiny_hidden": 32},
+        "objective": {"method": "supervised_kd", "terms": [{"name": "forward_kl"}]},
+        "train": {"batch_size": 1, "eval_every": 100, **train},
+        "tracking": {"log_every": 1},
+    })  # fmt: skip
+    spec = loop_spec(cfg, teacher_path=None, metrics_path=metrics, export_path=None)
+    spec.resume_from = resume_from
+    return spec
 
 
 def test_a_persistent_nan_is_refused_again_after_a_restore_naming_the_step(tmp_path):
