@@ -36,6 +36,18 @@ def scored_rows(rows: int, tokens: int, k: int, seed: int) -> list[dict[str, Any
     return out
 
 
+def report(path: Path) -> str:
+    """The rows of `path` as a markdown table, with where they were measured."""
+    from kdray.results import read_rows
+
+    rows = read_rows(path)
+    lines = ["| layout | files | rows | read seconds |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['layout']} | {r['files']} | {r['rows']} | {r['read_s']:.1f} |" for r in rows]
+    machines = "; ".join(sorted({f"{r['cpu']}, {r['threads']} threads, commit {r['commit']}" for r in rows}))
+    lines.append(f"\nFrom `{path.name}`: `python workflows/benchmark_cache.py`; {machines}.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -51,15 +63,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/cache_read.jsonl")
     parser.add_argument("--report", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args()
-    from kdray.results import append_rows, read_rows
+    from kdray.results import append_rows
 
     if args.report:
-        print(
-            "| layout | files | rows | read seconds | commit | CPU, threads |\n|---|---:|---:|---:|---|---|"
-        )
-        for r in read_rows(args.out):
-            print(f"| {r['layout']} | {r['files']} | {r['rows']} | {r['read_s']:.1f} | {r['commit']} | "
-                  f"{r['cpu']}, {r['threads']} |")  # fmt: skip
+        print(report(Path(args.out)))
         return
 
     from kdray.run import init_ray

@@ -145,6 +145,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "quickstart_seeds": lambda: seeds_table(ROOT / "benchmarks" / "quickstart.jsonl"),
     "pad": lambda: _workflow("pad").report(ROOT / "benchmarks" / "pad.jsonl"),
     "faults": lambda: _workflow("faults").report(ROOT / "benchmarks" / "faults.jsonl"),
+    "cache_read": lambda: _workflow("benchmark_cache").report(ROOT / "benchmarks" / "cache_read.jsonl"),
 }
 
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)\n?(<!-- /table -->)", re.S)
