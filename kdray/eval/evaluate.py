@@ -113,16 +113,23 @@ def score_model(
     desc: str | None = None,
 ) -> tuple[list[str], dict[str, float]]:
     """A saved model on held-out records: its greedy answers, and their task scores (`task_scores`)
-    with the references' token cross-entropy (`heldout_ce`, `heldout_cross_entropy`) beside them."""
-    texts = greedy_generations(
-        path, [r["prompt"] for r in records], max_new_tokens=max_new_tokens, chat_template=chat_template,
-        desc=desc,
-    )  # fmt: skip
-    scores = task_scores(task, texts, records)
-    scores["heldout_ce"] = heldout_cross_entropy(
-        path, records, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
-        chat_template=chat_template,
-    )  # fmt: skip
+    with the references' token cross-entropy (`heldout_ce`, `heldout_cross_entropy`) beside them. The
+    model is loaded once for both passes."""
+    from kdray.teacher import Teacher
+
+    model = Teacher(str(path), top_k=1, batch_size=32, chat_template=chat_template)
+    try:
+        texts = greedy_generations(
+            model, [r["prompt"] for r in records], max_new_tokens=max_new_tokens, chat_template=chat_template,
+            desc=desc or f"evaluating {Path(str(path)).name}",
+        )  # fmt: skip
+        scores = task_scores(task, texts, records)
+        scores["heldout_ce"] = heldout_cross_entropy(
+            model, records, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
+            chat_template=chat_template,
+        )  # fmt: skip
+    finally:
+        model.close()
     return texts, scores
 
 
