@@ -135,3 +135,14 @@ def submit(
         if not starting or time.time() > deadline:
             return proc
         time.sleep(2)
+
+
+def load_workflow(name: str):
+    """A script of `workflows/` as a module (that directory is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "workflows" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"workflow_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
+
+from servers import load_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fault_runs():
-    spec = importlib.util.spec_from_file_location("fault_runs", ROOT / "workflows" / "fault_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_workflow("fault_runs")
 
 
 def _write(path: Path, steps: list[int], loss=lambda s: 1.0 / s, consumed=lambda s: 8 * s) -> Path:
