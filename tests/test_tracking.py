@@ -477,10 +477,17 @@ def test_mlflow_ui_shows_the_run(server, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     run_name = f"kdray-ui-{os.getpid()}"
+    history = [{"step": step, "loss": 2.0 / (step + 1)} for step in range(20)]
+    # what the evaluate step logs: generated samples as jsonl, and a plot as PNG
+    answer = f"#### {os.getpid()}"
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt": "What is 2 + 2?", "output": answer}) + "\n")
     with Tracker(server.uri, "kdray-ui", run_name=run_name, spool_dir=tmp_path / "spool") as tracker:
         tracker.log_params({"objective": {"method": "xkd"}})
-        for step in range(20):
-            tracker.log_metrics({"loss": 2.0 / (step + 1)}, step=step)
+        for row in history:
+            tracker.log_metrics({"loss": row["loss"]}, step=row["step"])
+        tracker.log_figure(learning_curves(history), "plots/learning_curves.png")
+        tracker.log_artifact(str(samples))
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
@@ -520,6 +527,19 @@ def test_mlflow_ui_shows_the_run(server, tmp_path):
         screenshot = out_dir / "mlflow_ui.png"
         assert driver.save_screenshot(str(screenshot))
         page = body(driver)
+        # the artifacts view: the samples file opens as text, the plot as an image the browser decoded
+        driver.get(f"{driver.current_url.split('/model-metrics')[0]}/artifacts")
+        WebDriverWait(driver, UI_WAIT_S).until(lambda d: "samples.jsonl" in body(d) and "plots" in body(d))
+        driver.find_element(By.XPATH, "//*[text()='samples.jsonl']").click()
+        WebDriverWait(driver, UI_WAIT_S).until(lambda d: answer in body(d))
+        driver.find_element(By.XPATH, "//*[text()='plots']").click()
+        WebDriverWait(driver, UI_WAIT_S).until(lambda d: "learning_curves.png" in body(d))
+        driver.find_element(By.XPATH, "//*[text()='learning_curves.png']").click()
+        # the preview loads the file into a blob: URL; a decoded image has the plot's pixel width
+        drawn = "return [...document.images].filter(i => i.src.startsWith('blob:')).map(i => i.naturalWidth)"
+        WebDriverWait(driver, UI_WAIT_S).until(lambda d: any(w > 300 for w in d.execute_script(drawn)))
+        assert "plots/learning_curves.png" in body(driver)
+        assert driver.save_screenshot(str(out_dir / "mlflow_ui_artifacts.png"))
     finally:
         driver.quit()
     assert run_name in page
