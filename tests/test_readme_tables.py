@@ -88,3 +88,32 @@ def test_the_seeds_table_takes_each_data_seeds_latest_run_and_its_spread(tmp_pat
     # seed 0's earlier run (10.0, 1.0) is replaced by its later one
     assert lines[2] == "| teacher | 70 / 80 (75 ± 7.1) | 0.1 / 0.2 (0.15 ± 0.071) |"
     assert lines[3] == "| student | 30 / 40 (35 ± 7.1) | 0.3 / 0.5 (0.4 ± 0.14) |"
+
+
+def test_the_seeds_table_gives_each_students_lead_over_sft_paired_by_seed(tmp_path, monkeypatch):
+    import json
+
+    tables = _tables()
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    scores = {
+        0: {"student (SFT only)": 30.0, "student (xkd)": 33.0},
+        1: {"student (SFT only)": 40.0, "student (xkd)": 41.0},
+    }
+    rows = [
+        {
+            "model": m,
+            "scores": {"exact_match": v},
+            "commit": "abc",
+            "data_seed": seed,
+            "command": f"kdray run data.seed={seed}",
+            "wall_s": 1.0 + seed,
+        }
+        for seed, by_model in scores.items()
+        for m, v in by_model.items()
+    ]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = tables.seeds_table(path, metrics=("exact_match",)).splitlines()
+    # +3 and +1: mean +2, sd 1.4; the unpaired spreads (7.1 each) would hide a lead every seed shows
+    assert lines[4] == "| student (xkd) − SFT only (same seed) | +3 / +1 (+2 ± 1.4) |"
+    assert not any(line.startswith("| student (SFT only) −") for line in lines)

@@ -121,9 +121,42 @@ def seeds_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldout_
             summary = f" ({statistics.mean(got):.3g} ± {statistics.stdev(got):.2g})" if len(got) > 1 else ""
             cells.append(" / ".join(f"{v:.3g}" for v in got) + summary)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += _paired_rows(latest, seeds, models, metrics)
     commits = ", ".join(sorted({latest[s][0]["commit"] for s in seeds}))
     lines += ["", f"From `{path.relative_to(ROOT)}`: the latest run of each data seed; commit {commits}."]
     return "\n".join(lines)
+
+
+BASELINE = "student (SFT only)"
+
+
+def _paired_rows(
+    latest: dict[Any, list[dict[str, Any]]], seeds: list[Any], models: list[str], metrics: tuple[str, ...]
+) -> list[str]:
+    """Per distilled student, its lead over the SFT-only student of the same seed (same teacher, same
+    problems): the paired difference is what a claim that distillation wins must beat its spread with."""
+    import statistics
+
+    def score(seed: Any, model: str, metric: str) -> float | None:
+        return next((r["scores"].get(metric) for r in latest[seed] if r["model"] == model), None)
+
+    rows = []
+    for model in models:
+        if model == BASELINE or not model.startswith("student"):
+            continue
+        cells = []
+        for metric in metrics:
+            diffs = [
+                None if a is None or b is None else a - b
+                for a, b in ((score(s, model, metric), score(s, BASELINE, metric)) for s in seeds)
+            ]
+            got = [d for d in diffs if d is not None]
+            text = " / ".join("—" if d is None else f"{d:+.3g}" for d in diffs)
+            if len(got) > 1 and len(got) == len(diffs):
+                text += f" ({statistics.mean(got):+.3g} ± {statistics.stdev(got):.2g})"
+            cells.append(text)
+        rows.append(f"| {model} − SFT only (same seed) | " + " | ".join(cells) + " |")
+    return rows
 
 
 def _workflow(name: str) -> Any:
