@@ -71,6 +71,19 @@ def one_worker(ray_session, teacher_path, records, tmp_path_factory):
     )
 
 
+def test_workers_that_leave_no_cpu_for_the_tokenizers_are_refused_before_any_actor(
+    ray_session, teacher_path, records, tmp_path
+):
+    """5 worker CPUs + 1 teacher scorer fill the session's 6 CPUs: the tokenizing actors (0.25 CPU each,
+    train and eval) could never be placed, and Ray would wait for them without a word."""
+    cfg = make_cfg(teacher_path, cpus_per_worker=5)
+    with pytest.raises(RuntimeError, match="cannot place all its actors") as err:
+        distill(cfg, *records, workdir=tmp_path / "w", teacher_path=teacher_path)
+    assert "CPU: needs 6.5, the cluster has 6" in str(err.value)
+    assert "2 tokenizer(s)" in str(err.value) and "train.cpus_per_worker" in str(err.value)
+    assert not any((tmp_path / "w").rglob("*")), "refused before the run wrote anything"
+
+
 def losses(run):
     return np.array([h["loss"] for h in run.history])
 

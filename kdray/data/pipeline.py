@@ -187,6 +187,11 @@ def _actor_options(num_cpus: float, num_gpus: float, resources: Mapping[str, flo
     return options
 
 
+#: CPUs of each tokenizing actor (one per tokenized dataset): light work beside the teacher and students,
+#: but Ray still has to place it, so a run's capacity check counts it (`kdray.train.trainer`)
+TOKENIZE_CPUS = 0.25
+
+
 def tokenized(
     ds: Any,
     tokenizer: str,
@@ -209,7 +214,7 @@ def tokenized(
         },
         batch_size=batch_size,
         compute=_ray_data().ActorPoolStrategy(size=1),
-        num_cpus=0.25,  # tokenisation is light; leave the cores to the teacher and the students
+        num_cpus=TOKENIZE_CPUS,
     )
 
 

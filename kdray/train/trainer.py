@@ -257,7 +257,10 @@ def distill(
     tokenizer_path = student_tokenizer_path(cfg, teacher_path)  # the student's rows, its own tokenizer
     from kdray.data.pipeline import progress_actor
 
-    _check_capacity(cfg, scorer=signal_dataset is None and needs_signal(cfg), pool=needs_pool(cfg))
+    _check_capacity(
+        cfg, scorer=signal_dataset is None and needs_signal(cfg), pool=needs_pool(cfg),
+        tokenizers=1 if signal_dataset is not None else 2,
+    )  # fmt: skip
     progress = progress_actor() if signal_dataset is None and needs_signal(cfg) else None
     train_ds, eval_ds = build_datasets(
         cfg, train_records, eval_records, teacher_path=teacher_path, tokenizer_path=tokenizer_path,
@@ -311,18 +314,24 @@ def distill(
     return DistillRun(result, read_history(metrics_path), export_path, metrics_path, extra)
 
 
-def _check_capacity(cfg: Any, *, scorer: bool, pool: bool) -> None:
+def _check_capacity(cfg: Any, *, scorer: bool, pool: bool, tokenizers: int = 2) -> None:
     """Refuse a run whose actors cannot all be placed at once: Ray would wait for them forever.
 
     An on-policy run that also streams the teacher signal holds two sets of teachers (the Ray Data
-    scorers and the TeacherPool) beside the training workers.
+    scorers and the TeacherPool) beside the training workers; the train and eval datasets each keep a
+    tokenizing actor (`pipeline.TOKENIZE_CPUS`; a cached signal needs only the eval one): training
+    workers that take every CPU would leave those pending and the run waiting without a word.
     """
     import ray
+
+    from kdray.data.pipeline import TOKENIZE_CPUS
 
     t = cfg.train
     sets = int(scorer) + int(pool)
     need = {
-        "CPU": t.num_workers * float(t.cpus_per_worker) + sets * cfg.teacher.replicas * cfg.teacher.num_cpus,
+        "CPU": t.num_workers * float(t.cpus_per_worker)
+        + sets * cfg.teacher.replicas * cfg.teacher.num_cpus
+        + tokenizers * TOKENIZE_CPUS,
         "GPU": (t.num_workers if t.use_gpu else 0.0) + sets * cfg.teacher.replicas * cfg.teacher.num_gpus,
     }
     have = ray.cluster_resources()
@@ -330,9 +339,11 @@ def _check_capacity(cfg: Any, *, scorer: bool, pool: bool) -> None:
     if short:
         detail = ", ".join(f"{k}: needs {v:g}, the cluster has {h:g}" for k, (v, h) in short.items())
         raise RuntimeError(
-            f"this run cannot place all its actors at once ({detail}): {t.num_workers} training worker(s)"
-            f"{', the teacher scorers' if scorer else ''}{', the on-policy TeacherPool' if pool else ''}. "
-            "Precompute the signal (the workflow's teacher_outputs step), lower teacher.replicas or "
+            f"this run cannot place all its actors at once ({detail}): {t.num_workers} training worker(s) "
+            f"of {t.cpus_per_worker:g} CPU (train.cpus_per_worker), {tokenizers} tokenizer(s) of "
+            f"{TOKENIZE_CPUS:g} CPU{', the teacher scorers' if scorer else ''}"
+            f"{', the on-policy TeacherPool' if pool else ''}. "
+            "Precompute the signal (the workflow's teacher_outputs step), lower train.cpus_per_worker, teacher.replicas or "
             "teacher.num_cpus, or add nodes (ray.init(num_cpus=...) oversubscribes a small machine)."
         )
 
