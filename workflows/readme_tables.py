@@ -113,7 +113,7 @@ def seeds_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldout_
     for model in models:
         cells = []
         for metric in metrics:
-            values = [r["scores"].get(metric) for s in seeds for r in latest[s] if r["model"] == model]
+            values = [_score(latest, s, model, metric) for s in seeds]
             got = [v for v in values if v is not None]
             if len(got) < len(seeds):
                 cells.append(" / ".join("—" if v is None else f"{v:.3g}" for v in values))
@@ -130,15 +130,17 @@ def seeds_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldout_
 BASELINE = "student (SFT only)"
 
 
+def _score(latest: dict[Any, list[dict[str, Any]]], seed: Any, model: str, metric: str) -> float | None:
+    """`model`'s `metric` in the run of data seed `seed` (None when that run lacks it)."""
+    return next((r["scores"].get(metric) for r in latest[seed] if r["model"] == model), None)
+
+
 def _paired_rows(
     latest: dict[Any, list[dict[str, Any]]], seeds: list[Any], models: list[str], metrics: tuple[str, ...]
 ) -> list[str]:
     """Per distilled student, its lead over the SFT-only student of the same seed (same teacher, same
     problems): the paired difference is what a claim that distillation wins must beat its spread with."""
     import statistics
-
-    def score(seed: Any, model: str, metric: str) -> float | None:
-        return next((r["scores"].get(metric) for r in latest[seed] if r["model"] == model), None)
 
     rows = []
     for model in models:
@@ -148,7 +150,9 @@ def _paired_rows(
         for metric in metrics:
             diffs = [
                 None if a is None or b is None else a - b
-                for a, b in ((score(s, model, metric), score(s, BASELINE, metric)) for s in seeds)
+                for a, b in (
+                    (_score(latest, s, model, metric), _score(latest, s, BASELINE, metric)) for s in seeds
+                )
             ]
             got = [d for d in diffs if d is not None]
             text = " / ".join("—" if d is None else f"{d:+.3g}" for d in diffs)

@@ -343,8 +343,9 @@ def _check_capacity(cfg: Any, *, scorer: bool, pool: bool, tokenizers: int = 2) 
             f"of {t.cpus_per_worker:g} CPU (train.cpus_per_worker), {tokenizers} tokenizer(s) of "
             f"{TOKENIZE_CPUS:g} CPU{', the teacher scorers' if scorer else ''}"
             f"{', the on-policy TeacherPool' if pool else ''}. "
-            "Precompute the signal (the workflow's teacher_outputs step), lower train.cpus_per_worker, teacher.replicas or "
-            "teacher.num_cpus, or add nodes (ray.init(num_cpus=...) oversubscribes a small machine)."
+            "Precompute the signal (the workflow's teacher_outputs step), lower train.cpus_per_worker, "
+            "teacher.replicas or teacher.num_cpus, or add nodes (ray.init(num_cpus=...) oversubscribes a "
+            "small machine)."
         )
 
 
