@@ -213,13 +213,16 @@ def test_signal_cache_round_trip_feeds_training(ray_session, teacher_path, recor
 
 
 def test_a_run_whose_actors_cannot_all_be_placed_is_refused(ray_session, teacher_path, records, tmp_path):
-    # GKD streams the signal (scorers) and scores student samples (TeacherPool): 1 + 2 x 4 x 2 CPUs > 6
+    # GKD streams the signal (scorers) and scores student samples (TeacherPool); with the two
+    # tokenizing actors: 1 + 2 x 0.25 + 2 x 4 x 2 = 17.5 CPUs > 6
     cfg = with_overrides(
         make_cfg(teacher_path),
         {"objective.method": "gkd", "objective.on_policy_fraction": 0.5, "teacher.replicas": 4,
          "teacher.num_cpus": 2},
     )  # fmt: skip
-    with pytest.raises(RuntimeError, match=r"CPU: needs 17, the cluster has 6.*on-policy TeacherPool"):
+    with pytest.raises(
+        RuntimeError, match=r"CPU: needs 17\.5, the cluster has 6.*2 tokenizer.*on-policy TeacherPool"
+    ):
         distill(cfg, *records, workdir=tmp_path, teacher_path=teacher_path)
 
 
