@@ -182,6 +182,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "quickstart_seeds": lambda: seeds_table(ROOT / "benchmarks" / "quickstart.jsonl"),
     "pad": lambda: _workflow("pad").report(ROOT / "benchmarks" / "pad.jsonl"),
     "faults": lambda: _workflow("faults").report(ROOT / "benchmarks" / "faults.jsonl"),
+    "cross_tokenizer": lambda: _workflow("cross_tokenizer").report_table(
+        ROOT / "benchmarks" / "cross_tokenizer.jsonl"
+    ),
     "cache_read": lambda: _workflow("benchmark_cache").report(ROOT / "benchmarks" / "cache_read.jsonl"),
 }
 
