@@ -17,8 +17,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+#: row name -> what the tables call it (a row not listed keeps its own name)
+LABELS = {
+    "sft": "student, SFT only",
+    "supervised_kd": "supervised KD (forward KL)",
+    "seqkd": "SeqKD",
+    "taid": "TAID",
+    "gkd": "GKD (JSD β=0.5, λ=0.5)",
+    "distillm": "DistiLLM (skew KL α=0.1, adaptive off-policy)",
+    "minillm": "MiniLLM (teacher-mixed sampling, 4 PPO epochs)",
+    "pad": "PAD (ranked by the teacher's log-prob)",
+    "ava_d": "AVA-d (AVRIL on the data, no teacher)",
+    "xkd-divergence": "X-KD, divergence variant, `q_form: logits` (default)",
+    "xkd-divergence-logprobs": "X-KD, divergence variant, `q_form: logprobs`",
+    "xkd-sequence": "X-KD, sequence variant (teacher generations)",
+}
 
-def _rows() -> dict[str, dict[str, Any]]:
+
+def method_rows() -> dict[str, dict[str, Any]]:
     """Row name -> objective section: every declared method at its reference defaults (`kdray methods`),
     plus the X-KD variants the benchmark compares."""
     from kdray.methods import METHODS
@@ -43,7 +59,7 @@ def _rows() -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+def task_records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     from kdray.data import arithmetic_splits, read_records
 
     if args.task == "arithmetic":
@@ -53,7 +69,7 @@ def _records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
-def _config(
+def student_config(
     args: argparse.Namespace,
     *,
     teacher: str | None,
@@ -61,13 +77,17 @@ def _config(
     hidden: int,
     layers: int,
     steps: int,
+    student: str | None = None,
 ) -> Any:
+    """A run's config: a tiny model of `hidden` x `layers` from scratch, or the checkpoint `student`."""
     from kdray.config import config_from_dict
 
     top_k = None if method["method"] == "taid" else args.top_k  # TAID interpolates full logits
     return config_from_dict(
         {
-            "model": {"name_or_path": "tiny", "tiny_layers": layers, "tiny_hidden": hidden},
+            "model": {"name_or_path": student}
+            if student
+            else {"name_or_path": "tiny", "tiny_layers": layers, "tiny_hidden": hidden},
             "teacher": {"name_or_path": teacher or "tiny", "top_k": top_k, "num_cpus": 1, "batch_size": 16},
             "data": {"max_prompt_tokens": args.max_prompt, "max_response_tokens": args.max_response},
             # on-policy samples and teacher generations: long enough for an answer, no longer (sampling is
@@ -84,7 +104,7 @@ def _config(
     )  # fmt: skip
 
 
-def _score(path: str, held_out: list[dict], args: argparse.Namespace) -> float:
+def score_model(path: str, held_out: list[dict], args: argparse.Namespace) -> float:
     """Greedy generations of a saved model on the held-out prompts, scored for the task."""
     from kdray.eval import bleu, exact_match
     from kdray.teacher import Teacher
@@ -97,7 +117,7 @@ def _score(path: str, held_out: list[dict], args: argparse.Namespace) -> float:
     return bleu(texts, [r["response"] for r in held_out])
 
 
-def _params(path: str) -> int:
+def count_params(path: str) -> int:
     from kdray.models.loading import load_causal_lm
 
     model, _ = load_causal_lm(path, device="cpu")
@@ -113,7 +133,9 @@ def main() -> None:
         "--data", default="../shared/data/multi30k", help="Multi30k directory (task multi30k)"
     )
     parser.add_argument(
-        "--methods", default=",".join(_rows()), help="comma-separated subset of " + ",".join(_rows())
+        "--methods",
+        default=",".join(method_rows()),
+        help="comma-separated subset of " + ",".join(method_rows()),
     )
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--eval-examples", type=int, default=200)
@@ -161,7 +183,7 @@ def main() -> None:
     from kdray.train.trainer import distill
 
     workdir = Path(args.workdir).resolve() / args.task
-    train, held_out = _records(args)
+    train, held_out = task_records(args)
     t_hidden, t_layers = map(int, args.teacher_size.split("x"))
     s_hidden, s_layers = map(int, args.student_size.split("x"))
     # one line per finished model: resumable; a row counts as done only under the same arguments
@@ -178,10 +200,10 @@ def main() -> None:
         print(
             f"[teacher] training {args.teacher_size} from scratch for {args.teacher_steps} steps", flush=True
         )
-        cfg = _config(
+        cfg = student_config(
             args,
             teacher=None,
-            method=_rows()["sft"],
+            method=method_rows()["sft"],
             hidden=t_hidden,
             layers=t_layers,
             steps=args.teacher_steps,
@@ -192,8 +214,8 @@ def main() -> None:
         done.get(name)
         or {
             "model": name,
-            "params": _params(teacher),
-            "score": _score(teacher, held_out, args),
+            "params": count_params(teacher),
+            "score": score_model(teacher, held_out, args),
             "minutes": (time.time() - started) / 60,
         }
     )
@@ -202,8 +224,8 @@ def main() -> None:
     if name in done:
         record(done[name])
     else:
-        init_cfg = _config(
-            args, teacher=teacher, method=_rows()["sft"], hidden=s_hidden, layers=s_layers, steps=1
+        init_cfg = student_config(
+            args, teacher=teacher, method=method_rows()["sft"], hidden=s_hidden, layers=s_layers, steps=1
         )
         init_run = distill(
             init_cfg,
@@ -216,8 +238,8 @@ def main() -> None:
         record(
             {
                 "model": name,
-                "params": _params(str(init_run.export_path)),
-                "score": _score(str(init_run.export_path), held_out, args),
+                "params": count_params(str(init_run.export_path)),
+                "score": score_model(str(init_run.export_path), held_out, args),
                 "minutes": 0.0,
             }
         )
@@ -229,10 +251,10 @@ def main() -> None:
             continue
         t0 = time.time()
         print(f"[{method}] distilling for {args.student_steps} steps", flush=True)
-        cfg = _config(
+        cfg = student_config(
             args,
             teacher=teacher,
-            method=_rows()[method],
+            method=method_rows()[method],
             hidden=s_hidden,
             layers=s_layers,
             steps=args.student_steps,
@@ -242,8 +264,8 @@ def main() -> None:
         record(
             {
                 "model": name,
-                "params": _params(path),
-                "score": _score(path, held_out, args),
+                "params": count_params(path),
+                "score": score_model(path, held_out, args),
                 "minutes": (time.time() - t0) / 60,
                 "final_eval_loss": run.final.get("eval_loss"),
             }

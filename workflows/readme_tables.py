@@ -23,22 +23,6 @@ from kdray.results import latest_run, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: benchmark_methods' row names -> what the README calls them (a row not listed keeps its own name)
-LABELS = {
-    "student: sft": "student, SFT only",
-    "student: supervised_kd": "supervised KD (forward KL)",
-    "student: seqkd": "SeqKD",
-    "student: taid": "TAID",
-    "student: gkd": "GKD (JSD β=0.5, λ=0.5)",
-    "student: distillm": "DistiLLM (skew KL α=0.1, adaptive off-policy)",
-    "student: minillm": "MiniLLM (teacher-mixed sampling, 4 PPO epochs)",
-    "student: pad": "PAD (ranked by the teacher's log-prob)",
-    "student: ava_d": "AVA-d (AVRIL on the data, no teacher)",
-    "student: xkd-divergence": "X-KD, divergence variant, `q_form: logits` (default)",
-    "student: xkd-divergence-logprobs": "X-KD, divergence variant, `q_form: logprobs`",
-    "student: xkd-sequence": "X-KD, sequence variant (teacher generations)",
-}
-
 
 def methods_table(path: Path, metric: str) -> str:
     """The latest run of `workflows/benchmark_methods.py` in `path`: the rows that share the arguments of
@@ -48,9 +32,10 @@ def methods_table(path: Path, metric: str) -> str:
         raise ValueError(f"{path}: no rows; run the command its README section gives")
     shape = next(iter(latest.values()))["args"]
     lines = [f"| model | {metric} | held-out CE | minutes |", "|---|---:|---:|---:|"]
+    labels = _workflow("benchmark_methods").LABELS  # row name -> what the README calls it
     for r in latest.values():
         loss = f"{r['final_eval_loss']:.3f}" if r.get("final_eval_loss") is not None else ""
-        label = LABELS.get(r["model"], r["model"])
+        label = labels.get(r["model"].removeprefix("student: "), r["model"])
         lines.append(f"| {label} | {r['score']:.1f} | {loss} | {r['minutes']:.1f} |")
     commits = ", ".join(sorted({str(r.get("commit", "?")) for r in latest.values()}))
     machines = "; ".join(

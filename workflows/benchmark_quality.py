@@ -1,0 +1,341 @@
+"""Does distilling beat training the small model alone? Every method over seeds and two student starts.
+
+    python workflows/benchmark_quality.py --task arithmetic --seeds 0,1,2     # rows -> benchmarks/quality.jsonl
+    python workflows/benchmark_quality.py --task arithmetic --report          # the table, from the rows
+
+One teacher per task, trained once with cross-entropy and reused by the hash of its configuration (a
+missing checkpoint is retrained: training is deterministic, `kdray.determinism`). Each row trains a
+student of at most a quarter of the teacher's parameters for the same total number of steps:
+
+- `scratch`: the student starts from random weights and trains with the method for `--student-steps`;
+- `two_stage` (the X-KD and GKD papers' recipe): SFT on the data for `--sft-share` of the steps (one
+  checkpoint per seed, shared by every method), then the method for the rest, reading the data where
+  the SFT stage stopped. Its SFT-only row is the same two stages with cross-entropy in both.
+
+A row is identified by the hash of everything that shapes it (task, method, start, data fraction, seed
+and the benchmark's arguments); a row already in the results file is skipped, so a run spread over
+several sittings completes. The seed is the student's (initial weights, data order, samples); the data
+and the teacher are the task's. `benchmark_methods.py` holds the method rows, configs and scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark_methods as bm
+
+#: the rows of the quality table (METHODS.md's baselines and both X-KD variants); AVA-d reads no teacher
+DEFAULT_METHODS = "sft,supervised_kd,seqkd,gkd,minillm,distillm,taid,xkd-divergence,xkd-divergence-logprobs,xkd-sequence,pad"
+STARTS = ("scratch", "two_stage")
+#: the arguments that shape a task's rows (what is run, where, and how many seeds are not among them)
+SHAPE = (
+    "task",
+    "train_examples",
+    "eval_examples",
+    "difficulty",
+    "teacher_steps",
+    "student_steps",
+    "teacher_size",
+    "student_size",
+    "batch_size",
+    "lr",
+    "top_k",
+    "max_prompt",
+    "max_response",
+    "max_new_tokens",
+    "sft_share",
+    "data_seed",
+)
+
+
+def config_hash(obj: Any) -> str:
+    """A short, stable hash of a JSON-able configuration."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def shape_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in SHAPE}
+
+
+def teacher_key(args: argparse.Namespace) -> str:
+    """The teacher's identity: the task, its data and the teacher's own training (not the students')."""
+    keys = (
+        "task",
+        "train_examples",
+        "eval_examples",
+        "difficulty",
+        "teacher_steps",
+        "teacher_size",
+        "batch_size",
+        "lr",
+        "max_prompt",
+        "max_response",
+        "data_seed",
+    )
+    return "teacher-" + config_hash({k: getattr(args, k) for k in keys})
+
+
+def row_key(args: argparse.Namespace, method: str, start: str, fraction: float, seed: int) -> str:
+    objective = bm.method_rows()[method]
+    return config_hash(
+        {
+            **shape_of(args),
+            "method": method,
+            "objective": objective,
+            "start": start,
+            "fraction": fraction,
+            "seed": seed,
+        }
+    )
+
+
+def rotate(records: Sequence[dict[str, Any]], offset: int) -> list[dict[str, Any]]:
+    """The records starting at `offset` (mod their count): the second stage reads on where the first stopped."""
+    offset %= max(len(records), 1)
+    return list(records[offset:]) + list(records[:offset])
+
+
+def bootstrap_ci(
+    values: Sequence[float], *, level: float = 0.95, n: int = 10000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (resampling seeds with replacement)."""
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(n))
+    lo = means[int((1 - level) / 2 * n)]
+    hi = means[min(int((1 + level) / 2 * n), n - 1)]
+    return lo, hi
+
+
+# ---- running rows ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--task", choices=["arithmetic", "multi30k"], default="arithmetic")
+    parser.add_argument(
+        "--data", default="../shared/data/multi30k", help="Multi30k directory (task multi30k)"
+    )
+    parser.add_argument(
+        "--methods", default=DEFAULT_METHODS, help="comma-separated rows of " + ",".join(bm.method_rows())
+    )
+    parser.add_argument("--starts", default=",".join(STARTS), help="comma-separated: scratch, two_stage")
+    parser.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated")
+    parser.add_argument("--fractions", default="1.0", help="shares of the training data, comma-separated")
+    parser.add_argument("--train-examples", type=int, default=20000)
+    parser.add_argument("--eval-examples", type=int, default=200)
+    parser.add_argument("--difficulty", type=int, default=1)
+    parser.add_argument("--teacher-steps", type=int, default=1500)
+    parser.add_argument("--student-steps", type=int, default=500, help="every row's total budget")
+    parser.add_argument(
+        "--sft-share", type=float, default=0.5, help="two_stage: share of the steps spent on SFT"
+    )
+    parser.add_argument("--teacher-size", default="128x4", help="hidden x layers of the teacher")
+    parser.add_argument("--student-size", default="64x2", help="hidden x layers of the students")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--max-prompt", type=int, default=160)
+    parser.add_argument("--max-response", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--data-seed", type=int, default=0, help="the task's problems and its teacher")
+    parser.add_argument("--workdir", default="runs/benchmark_quality")
+    parser.add_argument("--out", default="benchmarks/quality.jsonl")
+    parser.add_argument("--report", action="store_true", help="print the table of --out for --task and exit")
+    args = parser.parse_args()
+    if args.report:
+        print(report(Path(args.out), args.task))
+        return
+    unknown = sorted(set(args.methods.split(",")) - set(bm.method_rows()))
+    if unknown or not set(args.starts.split(",")) <= set(STARTS):
+        parser.error(
+            f"unknown --methods {unknown} or --starts {args.starts}; known: {list(bm.method_rows())}, {STARTS}"
+        )
+    run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    from kdray.determinism import provenance
+    from kdray.results import append_rows, read_rows
+    from kdray.run import init_ray
+
+    init_ray(quiet=True)  # before torch loads: the kernel pins (see benchmark_methods)
+    from kdray.train.trainer import distill
+
+    out = Path(args.out)
+    done = {r["key"]: r for r in read_rows(out) if "key" in r}
+    workdir = Path(args.workdir).resolve() / args.task
+    data_args = argparse.Namespace(**{**vars(args), "seed": args.data_seed})
+    train, held_out = bm.task_records(data_args)
+    t_hidden, t_layers = map(int, args.teacher_size.split("x"))
+    s_hidden, s_layers = map(int, args.student_size.split("x"))
+    shape = shape_of(args)
+
+    def record(row: dict[str, Any], seed: int) -> dict[str, Any]:
+        row = {**row, "task": args.task, "shape": shape, **provenance(seed)}
+        append_rows(out, [row])
+        done[row["key"]] = row
+        print(
+            json.dumps({k: row[k] for k in ("model", "start", "fraction", "seed", "score") if k in row}),
+            flush=True,
+        )
+        return row
+
+    # the teacher: once per task configuration, its checkpoint reused while it exists
+    tkey = teacher_key(args)
+    teacher = workdir / tkey / "teacher" / "student"
+    t0 = time.time()
+    if not (teacher / "config.json").exists():
+        print(f"[teacher] {args.teacher_size} from scratch, {args.teacher_steps} steps ({tkey})", flush=True)
+        cfg = bm.student_config(
+            data_args,
+            teacher=None,
+            method=bm.method_rows()["sft"],
+            hidden=t_hidden,
+            layers=t_layers,
+            steps=args.teacher_steps,
+        )
+        teacher = distill(cfg, train, held_out, workdir=workdir / tkey, name="teacher").export_path
+    if tkey not in done:
+        row = {
+            "key": tkey,
+            "model": "teacher (CE from scratch)",
+            "params": bm.count_params(str(teacher)),
+            "score": bm.score_model(str(teacher), held_out, args),
+            "minutes": (time.time() - t0) / 60,
+        }
+        record(row, args.data_seed)
+
+    sft_steps = round(args.student_steps * args.sft_share)
+    grid = [
+        (fraction, seed, start, method)
+        for fraction in map(float, args.fractions.split(","))
+        for seed in map(int, args.seeds.split(","))
+        for start in args.starts.split(",")
+        for method in args.methods.split(",")
+    ]
+    for fraction, seed, start, method in grid:
+        key = row_key(args, method, start, fraction, seed)
+        if key in done:
+            continue
+        t0 = time.time()
+        seeded = argparse.Namespace(**{**vars(args), "seed": seed})
+        rows = train[: max(int(len(train) * fraction), args.batch_size)]
+        student, steps = None, args.student_steps
+        if (
+            start == "two_stage"
+        ):  # SFT first (shared by the methods), then the method on the data that follows
+            stage = "sft-stage-" + config_hash({**shape, "seed": seed, "fraction": fraction})
+            student = workdir / stage / "sft" / "student"
+            if not (student / "config.json").exists():
+                cfg = bm.student_config(
+                    seeded,
+                    teacher=str(teacher),
+                    method=bm.method_rows()["sft"],
+                    hidden=s_hidden,
+                    layers=s_layers,
+                    steps=sft_steps,
+                )
+                student = distill(cfg, rows, held_out, workdir=workdir / stage, name="sft").export_path
+            steps, rows = args.student_steps - sft_steps, rotate(rows, sft_steps * args.batch_size)
+        print(f"[{start} {method} seed {seed} data {fraction:g}] {steps} steps", flush=True)
+        cfg = bm.student_config(
+            seeded,
+            teacher=str(teacher),
+            method=bm.method_rows()[method],
+            hidden=s_hidden,
+            layers=s_layers,
+            steps=steps,
+            student=str(student) if student else None,
+        )
+        result = distill(cfg, rows, held_out, workdir=workdir / key, name=method, teacher_path=str(teacher))
+        path = str(result.export_path)
+        row = {
+            "key": key,
+            "model": f"student: {method}",
+            "method": method,
+            "start": start,
+            "fraction": fraction,
+            "teacher": tkey,
+            "params": bm.count_params(path),
+            "score": bm.score_model(path, held_out, args),
+            "final_eval_loss": result.final.get("eval_loss"),
+            "minutes": (time.time() - t0) / 60,
+        }
+        record(row, seed)
+    print(report(out, args.task))
+
+
+# ---- the table ------------------------------------------------------------------------------------------
+
+
+def report(path: Path, task: str) -> str:
+    """Per (method, start, data fraction): the mean over seeds ± sd with a bootstrap 95% interval, the
+    lead over SFT-only of the same start, fraction and seed, and the teacher's recovery (student / teacher)."""
+    from kdray.results import read_rows
+
+    rows = [r for r in read_rows(path) if r.get("task") == task]
+    if not rows:
+        raise ValueError(f"{path}: no {task} rows; run python workflows/benchmark_quality.py --task {task}")
+    shape = rows[-1]["shape"]  # the latest setting: a run under other arguments replaces the table
+    rows = [r for r in rows if r.get("shape") == shape]
+    teachers = [r for r in rows if r["model"].startswith("teacher")]
+    teacher = teachers[-1]["score"] if teachers else None
+    students = [r for r in rows if "start" in r]
+    cells: dict[tuple[str, str, float], dict[int, dict[str, Any]]] = {}
+    for r in students:
+        cells.setdefault((r["method"], r["start"], r["fraction"]), {})[r["seed"]] = r
+    metric = "exact match (%)" if task == "arithmetic" else "sacreBLEU"
+    lines = [
+        f"| method | start | data | seeds | {metric}: mean ± sd [95% CI] | − SFT only (paired) | recovery | min |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    order = {m: i for i, m in enumerate(bm.method_rows())}
+    for (method, start, fraction), by_seed in sorted(
+        cells.items(), key=lambda kv: (kv[0][2], kv[0][1], order.get(kv[0][0], 99))
+    ):
+        scores = [by_seed[s]["score"] for s in sorted(by_seed)]
+        mean = statistics.fmean(scores)
+        sd = f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else ""
+        lo, hi = bootstrap_ci(scores)
+        base = cells.get(("sft", start, fraction), {})
+        diffs = [by_seed[s]["score"] - base[s]["score"] for s in sorted(by_seed) if s in base]
+        lead = (
+            ""
+            if method == "sft" or not diffs
+            else f"{statistics.fmean(diffs):+.1f}"
+            + (f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "")
+        )
+        recovery = f"{mean / teacher:.2f}" if teacher else ""
+        minutes = statistics.fmean(r["minutes"] for r in by_seed.values())
+        lines.append(
+            f"| {bm.LABELS.get(method, method)} | {start} | {fraction:g} | {len(scores)} | "
+            f"{mean:.1f}{sd} [{lo:.1f}, {hi:.1f}] | {lead} | {recovery} | {minutes:.1f} |"
+        )
+    commits = ", ".join(sorted({str(r.get("commit")) for r in rows}))
+    machines = "; ".join(sorted({f"{r.get('cpu')}, {r.get('threads')} threads" for r in rows}))
+    args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shape.items())
+    lines += [
+        "",
+        f"Teacher: {teacher:.1f} ({teachers[-1]['params']:,} parameters); students "
+        f"{students[0]['params']:,} parameters. From `{path.name}`: `python workflows/benchmark_quality.py {args}`; "
+        f"seeds are the students' (the data and the teacher are the task's); commit {commits}; {machines}."
+        if teachers and students
+        else f"From `{path.name}`; commit {commits}; {machines}.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
