@@ -8,7 +8,7 @@ import torch
 from kdray.losses import divergences as D
 from kdray.losses.reduce import chunked_per_token, masked_mean
 from kdray.losses.signal import teacher_divergence, token_cross_entropy
-from kdray.losses.sparse import sparse_divergence, teacher_tail_logprob
+from kdray.losses.sparse import sparse_divergence, sparse_logprobs, teacher_tail_logprob
 
 NAMES = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 
@@ -174,3 +174,19 @@ def test_a_chunked_argument_that_needs_its_own_gradient_still_gets_it():
     out.sum().backward()
     torch.testing.assert_close(x.grad, w.detach())
     torch.testing.assert_close(w.grad, x.detach())
+
+
+def test_padding_slots_remove_nothing_from_the_student_tail():
+    """Fewer than k teacher tokens: the padding slots' ids (anything, even a token outside the top-k)
+    must not take mass out of the tail, wherever they sit; a position with no token keeps it all."""
+    logits = torch.randn(1, 3, 6)
+    ids = torch.tensor([[[2, 5, 0], [4, 1, 3], [0, 0, 0]]])
+    logprobs = torch.tensor([[[-0.5, -1.5, float("-inf")], [float("-inf"), -0.3, -2.0], [float("-inf")] * 3]])
+    student, _ = sparse_logprobs(logits, ids, logprobs)
+    full = torch.log_softmax(logits, -1)[0]
+    expected_tail = [
+        torch.logsumexp(full[0, [0, 1, 3, 4]], 0),  # only 2 and 5 are the teacher's
+        torch.logsumexp(full[1, [0, 2, 4, 5]], 0),  # 1 and 3; the padding slot in front names 4
+        torch.tensor(0.0),  # no token: the tail is everything
+    ]
+    torch.testing.assert_close(student[0, :, -1], torch.stack(expected_tail))

@@ -65,7 +65,7 @@ def measure_loss_step(
     loss.backward()
     return {
         "loss_peak_mib": _status_mib("VmHWM") - base,
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "grad_norm": float(states.grad.norm()),
         "seconds": time.perf_counter() - started,
     }

@@ -40,15 +40,18 @@ def _student_topk_and_tail(
     ids cover the whole vocabulary.
 
     The tail is a logsumexp over the tokens outside the top-k instead of log(1 − Σ q_topk): no
-    cancellation when the top-k holds almost all mass, and an exact zero (-inf) when k = V.
+    cancellation when the top-k holds almost all mass, and an exact zero (-inf) when k = V. One
+    vocabulary-sized copy (the log-probs with the top-k set to -inf) is all it allocates.
     """
     ids = topk_ids.long()
     gathered = student_logprobs.gather(-1, ids).masked_fill(~valid, float("-inf"))
-    # scatter_add, not scatter: padded slots may repeat a real id and must not un-mark it
-    hits = torch.zeros(student_logprobs.shape, dtype=torch.int32, device=ids.device)
-    in_topk = hits.scatter_add_(-1, ids, valid.to(torch.int32)) > 0
-    tail = torch.logsumexp(student_logprobs.masked_fill(in_topk, float("-inf")), dim=-1, keepdim=True)
-    return gathered, tail, in_topk.all(dim=-1, keepdim=True)
+    # an invalid (padding) slot may hold any id: point it at the row's first valid id, so that it
+    # removes nothing from the tail; a row with no valid slot keeps the whole distribution (log 1 = 0)
+    any_valid = valid.any(dim=-1, keepdim=True)
+    first_valid = ids.gather(-1, valid.to(torch.uint8).argmax(dim=-1, keepdim=True))
+    outside = student_logprobs.scatter(-1, torch.where(valid, ids, first_valid), float("-inf"))
+    tail = torch.logsumexp(outside, dim=-1, keepdim=True).masked_fill(~any_valid, 0.0)
+    return gathered, tail, torch.isneginf(tail)
 
 
 def sparse_logprobs(
@@ -77,7 +80,9 @@ def sparse_logprobs(
     dtype = loss_dtype(student_logits)
     teacher = topk_logprobs.to(dtype)
     valid = torch.isfinite(teacher)
-    student_full = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    logits = student_logits.to(dtype)
+    # at τ = 1 no vocabulary-sized copy: log_softmax reads the logits as they are
+    student_full = F.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
     student_topk, student_tail, covers_all = _student_topk_and_tail(student_full, topk_ids, valid)
     if mode == "tail":
         student = torch.cat([student_topk, student_tail], dim=-1)
