@@ -15,13 +15,10 @@ import pytest
 import torch
 
 from kdray.data.tokenize import encode_response
+from kdray.losses.alignment import align_tokens, normalise_offsets, response_groups, response_offsets
 from kdray.losses.cross_tokenizer import (
-    align_tokens,
     gold_loss,
     merge_groups,
-    normalise_offsets,
-    response_groups,
-    response_offsets,
     topk_to_dense,
     uld_batch,
     uld_loss,

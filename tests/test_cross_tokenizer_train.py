@@ -20,7 +20,8 @@ from kdray.config import ConfigError, config_from_dict, load_config, with_overri
 from kdray.data import generate_arithmetic
 from kdray.data.tokenize import Tokenize, encode_prompt, encode_response
 from kdray.losses import build_objective
-from kdray.losses.cross_tokenizer import gold_loss, response_groups, uld_batch, vocab_map
+from kdray.losses.alignment import response_groups
+from kdray.losses.cross_tokenizer import gold_loss, uld_batch, vocab_map
 from kdray.methods.cross_tokenizer import CROSS_TOKENIZER_PARAMS
 from kdray.models.bpe import bpe_tokenizer, save_bpe_checkpoint
 from kdray.models.student import Student

@@ -56,7 +56,7 @@ class CrossTokenizerSignal:
 
     def _row(self, prompt: str, response: str, student: list[int]) -> tuple[list[int], int, int, list]:
         """(teacher ids, prompt length, response tokens kept, groups kept) of one example."""
-        from kdray.losses.cross_tokenizer import response_groups
+        from kdray.losses.alignment import response_groups
 
         tok = self.teacher.tokenizer
         head = self.teacher.encode_prompt(prompt)[-self.max_prompt_tokens :]
