@@ -125,7 +125,7 @@ def report(path: Path) -> str:
     lines += [
         "",
         f"JSD(β = 0.5), V = {last['vocab']:,}, T = {last['length']:,}, hidden {last['hidden']}, float32, logits "
-        f"included. From `{path.relative_to(ROOT) if path.is_absolute() else path}`: "
+        f"included. From `{path.name}`: "
         f"`python workflows/benchmark_perf.py --loss-memory`; commit {last['commit']}; {last['cpu']}, "
         f"{last['threads']} threads.",
     ]
