@@ -140,3 +140,28 @@ def test_a_damaged_run_snapshot_resumes_from_the_latest_intact_checkpoint(tmp_pa
     resumed, full = read_history(tmp_path / "resumed.jsonl"), read_history(tmp_path / "full.jsonl")
     assert [h["step"] for h in resumed] == [5, 6] and resumed[-1]["consumed_rows"] == 6
     np.testing.assert_allclose([h["loss"] for h in resumed], [h["loss"] for h in full[4:]], rtol=1e-5)
+
+
+class SlowRows(Rows):
+    """A shard whose every batch arrives `delay` seconds late (a teacher that cannot keep up)."""
+
+    delay = 0.3
+
+    def iter_batches(self, batch_size: int, batch_format: str, drop_last: bool):
+        import time
+
+        for batch in super().iter_batches(batch_size, batch_format, drop_last):
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_throughput_counts_the_time_spent_waiting_for_data(tmp_path):
+    """tokens/s is over wall time: a step cannot be faster than its batch arrives (each took >= 0.3 s
+    to come, so <= 10 tokens / 0.3 s), and the wait itself is logged."""
+    spec = _spec(tmp_path / "metrics.jsonl", max_steps=3, checkpoint_every=10)
+    TrainingLoop(spec, Session(SlowRows(_rows()))).run()
+    history = read_history(tmp_path / "metrics.jsonl")
+    assert [h["step"] for h in history] == [1, 2, 3]
+    for h in history:
+        assert h["data_wait_s"] >= SlowRows.delay
+        assert h["tokens_per_s"] <= T / SlowRows.delay

@@ -333,8 +333,12 @@ class TrainingLoop:
     def _steps(self, bar: Any) -> None:
         spec, state = self.spec, self.state
         self._initial_eval()
+        # tokens/s over wall time: each step's interval runs from the end of the previous one, so data
+        # waits, sampling and the previous report count (a stall shows as a drop, not as nothing)
+        wall_mark = time.perf_counter()
         while state.step < spec.max_steps:
-            micro, lm = self._next_micro()
+            fetching = time.perf_counter()
+            micro, lm = self._next_micro()  # data from the shard, or the student's samples scored
             self.first_step_at = self.first_step_at or time.time()
             started = time.perf_counter()
             tensors = [to_tensors(m, self.device) for m in micro]
@@ -353,13 +357,16 @@ class TrainingLoop:
             state.step += 1
             advance_method_state(state.method, state.step, logs["loss"])
             tokens = sum(int(np.asarray(m["attention_mask"]).sum()) for m in micro)
-            self._report(logs, tokens / max(time.perf_counter() - started, 1e-9))
+            now = time.perf_counter()
+            rates = {"tokens_per_s": tokens / max(now - wall_mark, 1e-9), "data_wait_s": started - fetching}
+            wall_mark = now
+            self._report(logs, rates)
             if bar is not None:
                 bar.update(1)
         if self.rank == 0 and spec.export_path:
             export_student(_unwrap(self.student), self.tokenizer, spec.export_path)
 
-    def _report(self, logs: dict[str, float], tokens_per_s: float) -> None:
+    def _report(self, logs: dict[str, float], rates: dict[str, float]) -> None:
         """Metrics every `log_every` steps and at eval/checkpoint steps; every decision here depends on
         the step only, because `ray.train.report` is a barrier that every rank must reach together."""
         spec, state = self.spec, self.state
@@ -369,7 +376,7 @@ class TrainingLoop:
         term_keys = sorted(k for k in logs if k not in ("grad_norm", "num_tokens", "skipped"))
         metrics = {**_all_reduce_sum(logs, term_keys), "step": step, "lr": self.scheduler.get_last_lr()[0]}
         metrics.update(
-            tokens_per_s=tokens_per_s,
+            **rates,
             consumed_rows=state.consumed * spec.grad_accum * spec.batch_size * self.world_size,
             first_step_at=self.first_step_at,
             worker_pid=os.getpid(),  # rank 0's process: where to look when a run misbehaves
