@@ -124,18 +124,12 @@ def count_params(path: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that shape a task's rows: its data, the teacher, the students and their training
+    (shared with `benchmark_quality.py`, whose row keys hash them)."""
     parser.add_argument("--task", choices=["arithmetic", "multi30k"], default="arithmetic")
     parser.add_argument(
         "--data", default="../shared/data/multi30k", help="Multi30k directory (task multi30k)"
-    )
-    parser.add_argument(
-        "--methods",
-        default=",".join(method_rows()),
-        help="comma-separated subset of " + ",".join(method_rows()),
     )
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--eval-examples", type=int, default=200)
@@ -151,6 +145,18 @@ def main() -> None:
     parser.add_argument("--max-response", type=int, default=64)
     parser.add_argument(
         "--max-new-tokens", type=int, default=40, help="length of student samples / teacher generations"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_task_arguments(parser)
+    parser.add_argument(
+        "--methods",
+        default=",".join(method_rows()),
+        help="comma-separated subset of " + ",".join(method_rows()),
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/benchmark_methods")

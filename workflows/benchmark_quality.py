@@ -123,32 +123,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--task", choices=["arithmetic", "multi30k"], default="arithmetic")
-    parser.add_argument(
-        "--data", default="../shared/data/multi30k", help="Multi30k directory (task multi30k)"
-    )
+    bm.add_task_arguments(parser)
     parser.add_argument(
         "--methods", default=DEFAULT_METHODS, help="comma-separated rows of " + ",".join(bm.method_rows())
     )
     parser.add_argument("--starts", default=",".join(STARTS), help="comma-separated: scratch, two_stage")
     parser.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated")
     parser.add_argument("--fractions", default="1.0", help="shares of the training data, comma-separated")
-    parser.add_argument("--train-examples", type=int, default=20000)
-    parser.add_argument("--eval-examples", type=int, default=200)
-    parser.add_argument("--difficulty", type=int, default=1)
-    parser.add_argument("--teacher-steps", type=int, default=1500)
-    parser.add_argument("--student-steps", type=int, default=500, help="every row's total budget")
     parser.add_argument(
         "--sft-share", type=float, default=0.5, help="two_stage: share of the steps spent on SFT"
     )
-    parser.add_argument("--teacher-size", default="128x4", help="hidden x layers of the teacher")
-    parser.add_argument("--student-size", default="64x2", help="hidden x layers of the students")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--top-k", type=int, default=16)
-    parser.add_argument("--max-prompt", type=int, default=160)
-    parser.add_argument("--max-response", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--data-seed", type=int, default=0, help="the task's problems and its teacher")
     parser.add_argument("--workdir", default="runs/benchmark_quality")
     parser.add_argument("--out", default="benchmarks/quality.jsonl")
