@@ -20,8 +20,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +56,6 @@ _PERMANENT_CODES = frozenset(
         "ENDPOINT_NOT_FOUND",
     }
 )
-_FLUENT_LOCK = threading.Lock()
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -221,7 +219,7 @@ class Tracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Nested dicts become dotted keys; values become strings cut to MLflow's 6000 characters."""
-        if not self._active():
+        if not self.active:
             return
         flat = {mlflow_key(k): _param_value(v) for k, v in flatten(params).items()}
         items = list(flat.items())
@@ -236,7 +234,7 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Finite numbers only: NaN, inf, None, strings and multi-element tensors are skipped, not raised."""
-        if not self._active():
+        if not self.active:
             return
         clean: dict[str, float] = {}
         for key, value in metrics.items():
@@ -280,108 +278,6 @@ class Tracker:
         """Rendered now (PNG unless the suffix says otherwise), so the figure may be closed or changed after."""
         name, directory = Path(artifact_file).name, _artifact_dir(artifact_file)
         self._log_file(name, directory, lambda target: fig.savefig(target, dpi=100, bbox_inches="tight"))
-
-    # ---- synchronous parts -----------------------------------------------------------------------------
-
-    def log_student(
-        self,
-        export_dir: str | Path,
-        *,
-        registered_model: str | None = None,
-        artifact_path: str = "student",
-        max_new_tokens: int = 64,
-        chat_template: bool = True,
-        reward_tokenization: Mapping[str, Any] | None = None,
-    ) -> str | None:
-        """Log an exported student (HF `save_pretrained` dir) as a pyfunc model; register it if named.
-        It answers prompts as the evaluate step does: greedy, `max_new_tokens`, the chat template on or
-        off as in training. kdray's own code travels with the model (`code_paths`), so loading it needs
-        only its pip requirements.
-
-        Synchronous (registration needs the server) and retried 3 times. Returns the registered version,
-        None when not registered or on a non-zero rank. The model's code is `kdray/serving/student.py`.
-        An export that carries a reward head (X-KD, AVA) is also registered as `<registered_model>-reward`
-        (`log_reward_model`, with `reward_tokenization`), beside the policy in the same run.
-        """
-        if not self._active():
-            return None
-        export_dir = Path(export_dir)
-        if not (export_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{export_dir} is not a save_pretrained directory (no config.json)")
-        self.flush(timeout_s=30)  # the logged model copies the run's metrics: send them first
-        version = self._log_pyfunc(
-            export_dir, artifact_path, "student",
-            {"max_new_tokens": max_new_tokens, "chat_template": chat_template}, registered_model, "the student",
-        )  # fmt: skip
-        from kdray.models.build import REWARD_HEAD_FILE
-
-        if registered_model is not None and (export_dir / REWARD_HEAD_FILE).is_file():
-            self.log_reward_model(
-                export_dir, registered_model=f"{registered_model}-reward", tokenization=reward_tokenization
-            )
-        return version
-
-    def log_reward_model(
-        self,
-        export_dir: str | Path,
-        *,
-        registered_model: str | None = None,
-        artifact_path: str = "reward",
-        tokenization: Mapping[str, Any] | None = None,
-    ) -> str | None:
-        """Log the reward model of an export with a reward head as a pyfunc, r(x, y) = Σ_t μ_t per
-        `{prompt, response}` row (`kdray/serving/reward.py`); register it if named.
-
-        The logged artifact is the whole export (the head reads the student's hidden states).
-        `tokenization` holds the training's `max_prompt_tokens`, `max_response_tokens`, `chat_template`
-        (default: the `data` section's defaults), fixed in the logged model's config.
-        """
-        if not self._active():
-            return None
-        from kdray.reward import resolve_model_dir
-
-        export_dir = resolve_model_dir(export_dir)  # a model with a head, or a clear error
-        return self._log_pyfunc(
-            export_dir, artifact_path, "reward", dict(tokenization or {}), registered_model,
-            "the reward model",
-        )  # fmt: skip
-
-    def _log_pyfunc(
-        self,
-        export_dir: Path,
-        artifact_path: str,
-        model: str,
-        model_config: Mapping[str, Any],
-        registered_model: str | None,
-        what: str,
-    ) -> str | None:
-        import mlflow
-
-        from kdray.serving import model_file
-
-        def log() -> Any:
-            with _fluent_tracking_uri(self.tracking_uri, self.experiment_id):
-                return mlflow.models.Model.log(
-                    artifact_path=None,  # deprecated in MLflow 3 (but still positional): `name` replaces it
-                    name=artifact_path,
-                    flavor=mlflow.pyfunc,
-                    run_id=self.run_id,  # no mlflow.start_run: ending it would mark our run FINISHED
-                    python_model=model_file(model),  # models-from-code: no pickled object
-                    artifacts={"student": str(export_dir)},
-                    model_config=dict(model_config),
-                    pip_requirements=_student_requirements(),  # skips inference (a subprocess load)
-                    code_paths=[str(Path(__file__).resolve().parent)],  # the kdray package, as it ran
-                )
-
-        info = _retry(log, attempts=3, what=f"logging {what} to {self.tracking_uri}")
-        if registered_model is None:
-            return None
-
-        def register() -> str:
-            with _fluent_tracking_uri(self.tracking_uri):
-                return str(mlflow.register_model(info.model_uri, registered_model).version)
-
-        return _retry(register, attempts=3, what=f"registering {registered_model!r} at {self.tracking_uri}")
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything logged so far reached the server; False on timeout (nothing is lost)."""
@@ -438,7 +334,9 @@ class Tracker:
 
     # ---- internals ----------------------------------------------------------------------------------
 
-    def _active(self) -> bool:
+    @property
+    def active(self) -> bool:
+        """Whether calls reach MLflow: rank 0, enabled, not closed yet."""
         if self._spool is None:
             return False
         if self._closed:
@@ -447,12 +345,12 @@ class Tracker:
         return True
 
     def _append(self, record: dict[str, Any]) -> None:
-        if self._active():
+        if self.active:
             self._spool.append(record)
 
     def _log_file(self, name: str, artifact_path: str | None, write: Callable[[Path], Any]) -> None:
         """Write the artifact into its own spool folder now, and queue its upload."""
-        if not self._active():
+        if not self.active:
             return
         target = self._spool.dir / "files" / uuid.uuid4().hex / name
         try:
@@ -631,7 +529,7 @@ def find_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> str
     if found is None:
         return None
     where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = _retry(
+    runs = retry(
         lambda: client.search_runs([found.experiment_id], filter_string=where, max_results=1,
                                    order_by=["attributes.start_time DESC"]),
         attempts=5, what=f"searching runs of {experiment!r}",
@@ -734,7 +632,10 @@ def _artifact_dir(artifact_file: str) -> str | None:
     return None if parent in ("", ".") else parent
 
 
-def _retry(fn: Callable[[], Any], *, attempts: int, what: str) -> Any:
+def retry(fn: Callable[[], Any], *, attempts: int, what: str) -> Any:
+    """`fn()`, tried `attempts` times with 2, 4, 8... s between tries; an error no retry can fix
+    (MLflow's INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST...) is raised at once. For the calls that
+    must block (registering a model, finding a run), unlike logging, which the spool retries forever."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -746,44 +647,3 @@ def _retry(fn: Callable[[], Any], *, attempts: int, what: str) -> Any:
             )
             time.sleep(2**attempt)
     raise AssertionError("unreachable")
-
-
-@contextmanager
-def _fluent_tracking_uri(uri: str, experiment_id: str | None = None) -> Iterator[None]:
-    """Model logging reads mlflow's process-global tracking URI and experiment: point them at ours for
-    this call only (else MLflow 3 files the logged model under the Default experiment, and a local
-    store's artifacts under ./mlruns of the current directory)."""
-    import mlflow
-
-    wanted = {"MLFLOW_TRACKING_URI": uri}
-    if experiment_id is not None:
-        wanted["MLFLOW_EXPERIMENT_ID"] = experiment_id
-    with _FLUENT_LOCK:
-        saved_env = {key: os.environ.get(key) for key in wanted}
-        previous = mlflow.get_tracking_uri()
-        os.environ.update(wanted)
-        pinned = mlflow.get_tracking_uri() != uri  # an explicit mlflow.set_tracking_uri() beats the env var
-        if pinned:
-            mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            if pinned:
-                mlflow.set_tracking_uri(previous)
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-
-def _student_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for name in ("mlflow", "torch", "transformers", "tokenizers", "numpy", "safetensors"):
-        try:
-            out.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            out.append(name)
-    return out

@@ -195,6 +195,7 @@ def test_reward_model_is_registered_beside_the_policy_in_mlflow(ava_p_run, tmp_p
     import pandas as pd
     from mlflow import MlflowClient
 
+    from kdray.registry import log_student
     from kdray.reward import reward_scores
     from kdray.tracking import Tracker
 
@@ -202,7 +203,9 @@ def test_reward_model_is_registered_beside_the_policy_in_mlflow(ava_p_run, tmp_p
     plain = {**TOKENIZATION, "chat_template": False}  # not the default: the logged model must keep it
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with Tracker(uri, "kdray-ava", spool_dir=tmp_path / "spool", run_name="register") as tracker:
-        version = tracker.log_student(run.export_path, registered_model="ava-tiny", reward_tokenization=plain)
+        version = log_student(
+            tracker, run.export_path, registered_model="ava-tiny", reward_tokenization=plain
+        )
     assert version == "1"
     client = MlflowClient(uri)
     assert {m.name for m in client.search_registered_models()} == {"ava-tiny", "ava-tiny-reward"}

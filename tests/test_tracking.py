@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from servers import free_port
 
 from kdray.plots import learning_curves, reward_heatmap
+from kdray.registry import log_student
 from kdray.tracking import Tracker, TrackingUnavailableError, flatten, git_commit, resolve_tracking_uri
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -191,7 +192,7 @@ def test_non_zero_rank_and_disabled_tracker_do_nothing(tmp_path):
             tracker.log_metrics({"loss": 1.0}, step=0)
             tracker.log_text("x", "x.txt")
             tracker.log_dict({}, "x.json")
-            assert tracker.log_student(tmp_path, registered_model="m") is None
+            assert log_student(tracker, tmp_path, registered_model="m") is None
             assert tracker.flush(timeout_s=0)
     assert not db.exists()
     assert not (tmp_path / "spool").exists()
@@ -276,7 +277,7 @@ def test_registered_student_answers_as_the_evaluate_step_in_a_fresh_process(
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # artifacts go beside the store, not into ./mlruns of the process
     with _tracker(sqlite_uri, tmp_path / "spool", run_name="register") as tracker:
-        version = tracker.log_student(export, registered_model="kdray-tiny-student", max_new_tokens=8)
+        version = log_student(tracker, export, registered_model="kdray-tiny-student", max_new_tokens=8)
         run_id = tracker.run_id
     assert version == "1"
     assert not (elsewhere / "mlruns").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdray.registry import log_student
 from kdray.workflow.base import StepContext, StepResult
 
 
@@ -19,8 +20,8 @@ def register_step(ctx: StepContext, student: StepResult, evaluation: StepResult 
     d = ctx.cfg.data  # a reward head's model (`<name>-reward`) tokenizes as the run did
     tokenization = {"max_prompt_tokens": d.max_prompt_tokens, "max_response_tokens": d.max_response_tokens,
                     "chat_template": d.chat_template}  # fmt: skip
-    version = ctx.tracker.log_student(
-        student.outputs["student"], registered_model=name, reward_tokenization=tokenization,
+    version = log_student(
+        ctx.tracker, student.outputs["student"], registered_model=name, reward_tokenization=tokenization,
         max_new_tokens=ctx.cfg.workflow.eval_max_new_tokens or d.max_response_tokens,
         chat_template=d.chat_template,
     )  # fmt: skip
