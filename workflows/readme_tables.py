@@ -170,6 +170,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "cross_tokenizer": lambda: _workflow("cross_tokenizer").report_table(
         ROOT / "benchmarks" / "cross_tokenizer.jsonl"
     ),
+    "quality_arithmetic": lambda: _workflow("benchmark_quality").report(
+        ROOT / "benchmarks" / "quality.jsonl", "arithmetic"
+    ),
     "loss_memory": lambda: _workflow("benchmark_perf").report(ROOT / "benchmarks" / "perf.jsonl"),
     "cache_read": lambda: _workflow("benchmark_cache").report(ROOT / "benchmarks" / "cache_read.jsonl"),
 }
