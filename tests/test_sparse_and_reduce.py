@@ -190,3 +190,14 @@ def test_padding_slots_remove_nothing_from_the_student_tail():
         torch.tensor(0.0),  # no token: the tail is everything
     ]
     torch.testing.assert_close(student[0, :, -1], torch.stack(expected_tail))
+
+
+def test_an_empty_student_tail_does_not_erase_the_teachers():
+    """A student with no mass outside the teacher's top-k (its other logits at -inf) must not make the
+    teacher's leftover mass vanish: only ids that cover the whole vocabulary empty the teacher's tail."""
+    logits = torch.tensor([[[2.0, 1.0, float("-inf"), float("-inf"), float("-inf")]]])
+    ids = torch.tensor([[[0, 1]]])
+    logprobs = torch.log(torch.tensor([[[0.5, 0.3]]]))  # 0.2 left for the other three tokens
+    student, teacher = sparse_logprobs(logits, ids, logprobs)
+    assert torch.isneginf(student[0, 0, -1])
+    torch.testing.assert_close(teacher[0, 0, -1].exp(), torch.tensor(0.2))

@@ -49,9 +49,14 @@ def _student_topk_and_tail(
     # removes nothing from the tail; a row with no valid slot keeps the whole distribution (log 1 = 0)
     any_valid = valid.any(dim=-1, keepdim=True)
     first_valid = ids.gather(-1, valid.to(torch.uint8).argmax(dim=-1, keepdim=True))
-    outside = student_logprobs.scatter(-1, torch.where(valid, ids, first_valid), float("-inf"))
+    ids = torch.where(valid, ids, first_valid)
+    outside = student_logprobs.scatter(-1, ids, float("-inf"))
     tail = torch.logsumexp(outside, dim=-1, keepdim=True).masked_fill(~any_valid, 0.0)
-    return gathered, tail, torch.isneginf(tail)
+    vocab = student_logprobs.shape[-1]
+    if ids.shape[-1] < vocab:  # fewer slots than tokens: the ids cannot cover the vocabulary
+        return gathered, tail, torch.zeros_like(tail, dtype=torch.bool)
+    hit = torch.zeros(student_logprobs.shape, dtype=torch.bool, device=ids.device).scatter_(-1, ids, True)
+    return gathered, tail, (hit & any_valid).all(dim=-1, keepdim=True)
 
 
 def sparse_logprobs(
