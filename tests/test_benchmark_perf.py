@@ -19,7 +19,6 @@ def test_chunked_settings_measure_the_same_loss_and_gradient(teacher):
     chunked = bp.measure_loss_step(teacher, 16, vocab=300, length=40, hidden=16)
     assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6)
     assert chunked["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
-    assert whole["loss_peak_mib"] >= 0 and chunked["seconds"] > 0
 
 
 def test_each_setting_runs_in_a_fresh_process_and_the_table_has_every_row(tmp_path):

@@ -123,7 +123,7 @@ class _ChunkedPerToken(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         (logits,) = ctx.saved_tensors
         batch, length = logits.shape[:2]
-        grad = torch.zeros_like(logits)
+        grad = torch.empty_like(logits)  # every span is written below: no full-size memset
         for start, end in ctx.spans:
             with torch.enable_grad():
                 chunk = logits[:, start:end].detach().requires_grad_(True)
@@ -131,6 +131,8 @@ class _ChunkedPerToken(torch.autograd.Function):
                 chunk_kwargs = slice_positions(ctx.kwargs, start, end, batch, length)
                 values = ctx.fn(chunk, *chunk_args, **chunk_kwargs)
                 (chunk_grad,) = torch.autograd.grad(values, chunk, grad_out[:, start:end], allow_unused=True)
-            if chunk_grad is not None:
+            if chunk_grad is None:
+                grad[:, start:end].zero_()
+            else:
                 grad[:, start:end] = chunk_grad
         return grad, None, None, None, None
