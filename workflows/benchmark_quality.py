@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> None:
     tkey = teacher_key(args)
     teacher = workdir / tkey / "teacher" / "student"
     t0 = time.time()
-    if not (teacher / "config.json").exists():
+    retrained = not (teacher / "config.json").exists()
+    if retrained:
         print(f"[teacher] {args.teacher_size} from scratch, {args.teacher_steps} steps ({tkey})", flush=True)
         cfg = bm.student_config(
             data_args,
@@ -200,6 +201,15 @@ def run(args: argparse.Namespace) -> None:
             "minutes": (time.time() - t0) / 60,
         }
         record(row, args.data_seed)
+    elif retrained:  # the rows already recorded were distilled from the first training of this teacher
+        score = bm.score_model(str(teacher), held_out, args)
+        if score != done[tkey]["score"]:
+            raise RuntimeError(
+                f"{tkey}: the retrained teacher scores {score}, the recorded one {done[tkey]['score']}; "
+                f"the rows in {out} came from another teacher. Run on the machine that recorded them "
+                f"(cpu {done[tkey].get('cpu')}, {done[tkey].get('threads')} threads) or with a new --out"
+            )
+        print(f"[teacher] retrained: {score}, as recorded", flush=True)
 
     sft_steps = round(args.student_steps * args.sft_share)
     grid = [
