@@ -121,7 +121,7 @@ def check_mlflow(
     config's workdir when no config is given): a server must answer /health, a SQLite file's directory
     must be writable."""
     from kdray.config import Config
-    from kdray.tracking import resolve_tracking_uri
+    from kdray.runs import resolve_tracking_uri
 
     where = Path(workdir if workdir is not None else Config().workflow.workdir).expanduser().resolve()
     uri = resolve_tracking_uri(tracking_uri, where)

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kdray.tracking import Tracker, retry
+from kdray.runs import retry
+from kdray.tracking import Tracker
 
 __all__ = ["log_reward_model", "log_student"]
 

@@ -19,7 +19,8 @@ from servers import free_port
 
 from kdray.plots import learning_curves, reward_heatmap
 from kdray.registry import log_student
-from kdray.tracking import Tracker, TrackingUnavailableError, flatten, git_commit, resolve_tracking_uri
+from kdray.runs import flatten, git_commit, resolve_tracking_uri
+from kdray.tracking import Tracker, TrackingUnavailableError
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 UI_WAIT_S = 90  # per page state; the UI answers in seconds, more when the CPUs are shared
@@ -311,7 +312,7 @@ def test_registered_student_answers_as_the_evaluate_step_in_a_fresh_process(
 def test_keys_mlflow_would_reject_are_sanitised_not_dropped(sqlite_uri, tmp_path):
     import mlflow
 
-    from kdray.tracking import mlflow_key
+    from kdray.runs import mlflow_key
 
     assert mlflow_key("output.scores.student (xkd).exact_match") == "output.scores.student xkd.exact_match"
     assert mlflow_key("a:b/../c//d") == "a_b/_/c/_/d" and mlflow_key("/x") == "_/x"
@@ -324,10 +325,27 @@ def test_keys_mlflow_would_reject_are_sanitised_not_dropped(sqlite_uri, tmp_path
     assert data.metrics["student SFT only/exact_match"] == 3.0
 
 
+def test_a_record_mlflow_refuses_is_dropped_alone_and_the_rest_of_its_batch_arrives(
+    sqlite_uri, tmp_path, caplog
+):
+    with _tracker(sqlite_uri, tmp_path / "spool", run_name="refused") as tracker:
+        tracker.log_params({"seed": 1})
+        assert tracker.flush(timeout_s=30)
+        tracker._wake.clear()  # the next three lines go out as one log_batch
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        tracker.log_params({"seed": 2})  # a param cannot change: MLflow answers 400 for the whole batch
+        tracker.log_metrics({"loss": 0.5}, step=1)
+        with caplog.at_level(logging.WARNING, logger="kdray.tracking"):
+            assert tracker.flush(timeout_s=30), "a refused record must not block the spool"
+    assert "rejected a params record" in caplog.text
+    assert _history(sqlite_uri, tracker.run_id, "loss") == [(0, 1.0), (1, 0.5)]
+    assert MlflowClient(sqlite_uri).get_run(tracker.run_id).data.params == {"seed": "1"}
+
+
 def test_a_stopped_workflow_closes_the_nested_runs_its_steps_left_running(sqlite_uri):
     import mlflow
 
-    from kdray.tracking import close_child_runs
+    from kdray.runs import close_child_runs
 
     client = mlflow.MlflowClient(sqlite_uri)
     experiment = client.create_experiment("stopped-workflow")
@@ -349,7 +367,7 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(sqlite_uri):
 
     import mlflow
 
-    from kdray.tracking import close_stale_runs
+    from kdray.runs import close_stale_runs
 
     client = mlflow.MlflowClient(sqlite_uri)
     experiment = client.create_experiment("stale-runs")

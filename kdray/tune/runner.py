@@ -245,7 +245,8 @@ def _parent_run(cfg: Config, run_name: str | None, run_id: str | None) -> tuple[
     """The sweep's MLflow run: the one an interrupted run of this sweep started, or a new one."""
     if not cfg.tracking.enabled:
         return None, None
-    from kdray.tracking import Tracker, flatten, git_commit, resolve_tracking_uri
+    from kdray.runs import flatten, git_commit, resolve_tracking_uri
+    from kdray.tracking import Tracker
     from kdray.workflow import lineage_tags
 
     workdir = Path(cfg.workflow.workdir).expanduser().resolve()
@@ -337,7 +338,7 @@ class TrialRuns(Callback):
         try:
             from mlflow import MlflowClient
 
-            from kdray.tracking import find_run
+            from kdray.runs import find_run
 
             t = self.tracking
             run_id = find_run(
@@ -358,7 +359,7 @@ class TrialRuns(Callback):
             logger.warning("could not mark the MLflow run of trial %s: %s", trial.trial_id, err)
 
     def _failed_run(self, client: Any, trial: Any) -> None:
-        from kdray.tracking import flatten
+        from kdray.runs import flatten
 
         t = self.tracking
         experiment = client.get_experiment_by_name(t["experiment"]).experiment_id

@@ -200,7 +200,8 @@ def _trial_tracker(
     by its `kdray.trial_id` tag when a restored sweep resumes the trial."""
     if not tracking:
         return None
-    from kdray.tracking import Tracker, find_run
+    from kdray.runs import find_run
+    from kdray.tracking import Tracker
 
     run_id = find_run(
         tracking["tracking_uri"], tracking["experiment"],

@@ -54,7 +54,8 @@ def run_workflow(cfg: Config, *, run_name: str | None = None) -> WorkflowResult:
     parent = None
     tracking = None
     if cfg.tracking.enabled:
-        from kdray.tracking import Tracker, close_stale_runs, flatten, git_commit, resolve_tracking_uri
+        from kdray.runs import close_stale_runs, flatten, git_commit, resolve_tracking_uri
+        from kdray.tracking import Tracker
 
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri, workdir)
         for stale in close_stale_runs(uri, cfg.tracking.experiment):
@@ -84,7 +85,7 @@ def run_workflow(cfg: Config, *, run_name: str | None = None) -> WorkflowResult:
     except KeyboardInterrupt:
         if parent is not None:
             parent.close(status="KILLED")
-            from kdray.tracking import close_child_runs
+            from kdray.runs import close_child_runs
 
             with contextlib.suppress(Exception):  # the store may be what failed; the resume closes them
                 close_child_runs(parent.tracking_uri, parent.run_id)
