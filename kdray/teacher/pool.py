@@ -9,16 +9,17 @@ harmless. Ray is imported when a pool is built, never when this module is import
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future
-from concurrent.futures import wait as wait_futures
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from kdray.teacher.replicas import REPROBE_S, Replica, ask_info, is_replica_failure, ray_module, stop_replicas
+from kdray.teacher.stream import stream
 
 if TYPE_CHECKING:
     from kdray.config import TeacherConfig
@@ -28,7 +29,6 @@ __all__ = ["TeacherPool", "TeacherPoolError"]
 # A request dispatched while the collector already sits in ray.wait is seen at the next poll: this bounds
 # the latency it adds, and the pipelining of max_in_flight > 1 hides it.
 _POLL_S = 0.02
-_REPROBE_S = 0.25  # a call to an actor that is restarting fails at once: ask again after this pause
 
 
 # TeacherConfig fields that are Teacher arguments, and those that are pool arguments.
@@ -50,30 +50,6 @@ class _Request:
     kwargs: dict[str, Any]
     future: Future
     attempts: int = 0  # replica failures seen so far; each one re-sends the request
-
-
-@dataclass
-class _Replica:
-    index: int
-    handle: Any
-    state: str = "up"  # up | down (dead or restarting: probed with info()) | dead (restarts spent)
-    in_flight: int = 0
-    served: int = 0  # requests sent to it; breaks ties between equally loaded replicas
-    failures: int = 0  # requests lost with it
-    down_since: float = 0.0
-    pid: int | None = None
-
-
-def _ray() -> Any:
-    import ray
-
-    return ray
-
-
-def _is_replica_failure(error: BaseException) -> bool:
-    """The replica (or the node holding its result) died: the request itself may be fine elsewhere."""
-    exc = _ray().exceptions
-    return isinstance(error, (exc.RayActorError, exc.ObjectLostError))
 
 
 def _resolve(future: Future, value: Any = None, error: BaseException | None = None) -> None:
@@ -118,7 +94,7 @@ class TeacherPool:
             from kdray.teacher import Teacher as teacher_cls
         # max_task_retries=0: a failed call comes back to the pool, which re-sends it to a live replica
         # now instead of letting Ray hold it until this one has restarted and reloaded the model.
-        actor = _ray().remote(teacher_cls).options(
+        actor = ray_module().remote(teacher_cls).options(
             num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(resources or {}), max_restarts=max_restarts,
             max_task_retries=max_task_retries, max_concurrency=1,
         )  # fmt: skip
@@ -146,11 +122,11 @@ class TeacherPool:
         self.name, self.max_in_flight, self.max_restarts = name, max_in_flight, max_restarts
         self.max_request_retries, self.ready_timeout_s = max_request_retries, ready_timeout_s
         self.resources, self._owns = dict(resources or {}), owns
-        self._replicas = [_Replica(i, handle) for i, handle in enumerate(handles)]
+        self._replicas = [Replica(i, handle) for i, handle in enumerate(handles)]
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()  # admitted, waiting for a replica; retries go first
-        self._in_flight: dict[Any, tuple[_Request, _Replica]] = {}  # ObjectRef -> request
-        self._probes: dict[Any, _Replica] = {}  # ObjectRef of info() -> replica that went down
+        self._in_flight: dict[Any, tuple[_Request, Replica]] = {}  # ObjectRef -> request
+        self._probes: dict[Any, Replica] = {}  # ObjectRef of info() -> replica that went down
         self._reprobe: dict[int, float] = {}  # replica index -> when to probe it again
         self._admitted = 0  # queued + in flight: what back-pressure bounds
         self._ids = itertools.count()
@@ -215,34 +191,12 @@ class TeacherPool:
         argument; `kwargs` go to every request. Yields results in input order, or `(index, result)` in
         completion order when `ordered=False`. The first failed request stops the stream with its error.
         """
-        window = 2 * self.max_in_flight * len(self._replicas)  # bounds results held for ordering
-        pending: deque[tuple[int, Future]] = deque()
-        try:
-            for index, args in enumerate(args_list):
-                while len(pending) >= window:
-                    yield from self._take(pending, ordered, block=True)
-                call_args = args if isinstance(args, tuple) else (args,)
-                pending.append((index, self.submit(method, *call_args, **kwargs)))
-                yield from self._take(pending, ordered, block=False)
-            while pending:
-                yield from self._take(pending, ordered, block=True)
-        finally:
-            for _, future in pending:  # the caller stopped early: drop what has not been sent yet
-                future.cancel()
 
-    @staticmethod
-    def _take(pending: deque[tuple[int, Future]], ordered: bool, block: bool) -> Iterator[Any]:
-        """Yield what is ready (at least one item when `block`), respecting the order mode."""
-        if ordered:
-            while pending and (block or pending[0][1].done()):
-                block = False
-                yield pending.popleft()[1].result()
-            return
-        if block and pending:
-            wait_futures([f for _, f in pending], return_when=FIRST_COMPLETED)
-        for item in [p for p in pending if p[1].done()]:
-            pending.remove(item)
-            yield item[0], item[1].result()
+        def send(args: Any) -> Future:
+            return self.submit(method, *(args if isinstance(args, tuple) else (args,)), **kwargs)
+
+        # the window bounds the results held back for ordering
+        return stream(send, args_list, window=2 * self.max_in_flight * len(self._replicas), ordered=ordered)
 
     def logprobs(self, batch: Mapping[str, Any], k: int | None = None) -> dict[str, Any]:
         """Teacher signal of a tokenized batch (see `Teacher.logprobs`)."""
@@ -304,7 +258,7 @@ class TeacherPool:
 
     def _collect_loop(self) -> None:
         """Background thread: settle finished requests and probes, so slots free up even if nobody waits."""
-        ray = _ray()
+        ray = ray_module()
         while True:
             with self._cond:
                 if self._closed:
@@ -312,7 +266,7 @@ class TeacherPool:
                 self._send_due_probes()
                 refs = [*self._in_flight, *self._probes]
                 if not refs:
-                    self._cond.wait(timeout=_REPROBE_S if self._reprobe else 0.5)
+                    self._cond.wait(timeout=REPROBE_S if self._reprobe else 0.5)
                     continue
             try:
                 ready, _ = ray.wait(refs, num_returns=1, timeout=_POLL_S)
@@ -339,7 +293,7 @@ class TeacherPool:
             elif ref in self._in_flight:
                 request, replica = self._in_flight.pop(ref)
                 replica.in_flight -= 1
-                if error is not None and _is_replica_failure(error):
+                if error is not None and is_replica_failure(error):
                     self._replica_failed(replica, error)
                     request.attempts += 1
                     if request.attempts > self.max_request_retries:
@@ -357,7 +311,7 @@ class TeacherPool:
         for future, result, exc in deliver:  # outside the lock: callbacks may submit again
             _resolve(future, result, exc)
 
-    def _replica_failed(self, replica: _Replica, error: BaseException) -> None:
+    def _replica_failed(self, replica: Replica, error: BaseException) -> None:
         """Mark the replica down and probe it with info(): the probe answers once Ray has restarted it."""
         self.last_error = error
         replica.failures += 1
@@ -365,13 +319,13 @@ class TeacherPool:
             replica.state, replica.down_since = "down", time.monotonic()
             self._probes[replica.handle.info.remote()] = replica
 
-    def _settle_probe(self, replica: _Replica, value: Any, error: BaseException | None) -> None:
-        if error is None or not _is_replica_failure(error):
+    def _settle_probe(self, replica: Replica, value: Any, error: BaseException | None) -> None:
+        if error is None or not is_replica_failure(error):
             if replica.state == "down":  # answered (even with an exception): the process is alive again
                 replica.state = "up"
             replica.pid = value.get("pid") if isinstance(value, dict) else replica.pid
-        elif isinstance(error, _ray().exceptions.ActorUnavailableError):
-            self._reprobe[replica.index] = time.monotonic() + _REPROBE_S  # mid-restart: Ray refuses calls
+        elif isinstance(error, ray_module().exceptions.ActorUnavailableError):
+            self._reprobe[replica.index] = time.monotonic() + REPROBE_S  # mid-restart: Ray refuses calls
         else:
             replica.state, self.last_error = "dead", error  # ActorDiedError: restarts spent
 
@@ -393,28 +347,17 @@ class TeacherPool:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def _ask_info(self, timeout_s: float) -> list[tuple[dict[str, Any] | None, str | None]]:
-        """(info, error) of every replica within `timeout_s`, asking again while one is mid-restart."""
-        ray = _ray()
-        deadline = time.monotonic() + timeout_s
-        asked = {r.handle.info.remote(): r for r in self._replicas}
-        answers: dict[int, tuple[dict[str, Any] | None, str | None]] = {}
-        while asked and (remaining := deadline - time.monotonic()) > 0:
-            for ref in ray.wait(list(asked), num_returns=1, timeout=remaining)[0]:
-                replica = asked.pop(ref)
-                try:
-                    answers[replica.index] = (ray.get(ref), None)
-                except ray.exceptions.ActorUnavailableError:
-                    time.sleep(min(_REPROBE_S, max(0.0, deadline - time.monotonic())))
-                    asked[replica.handle.info.remote()] = replica
-                except Exception as error:
-                    self.last_error = error
-                    answers[replica.index] = (None, f"{type(error).__name__}: {error}")
+        """(info, error text) of every replica; those that answered are up again."""
+        answers = ask_info(self._replicas, timeout_s)
         with self._cond:
-            for replica in (self._replicas[i] for i, (info, _) in answers.items() if info is not None):
-                replica.pid = answers[replica.index][0].get("pid")
-                replica.state = "up" if replica.state == "down" else replica.state
-        late = (None, f"no answer within {timeout_s} s")
-        return [answers.get(r.index, late) for r in self._replicas]
+            for replica, (info, error) in zip(self._replicas, answers, strict=True):
+                if info is not None:
+                    replica.pid = info.get("pid")
+                    replica.state = "up" if replica.state == "down" else replica.state
+                elif not isinstance(error, TimeoutError):
+                    self.last_error = error
+        text = [str(e) if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}" for _, e in answers]
+        return [(info, text[i] if error else None) for i, (info, error) in enumerate(answers)]
 
     def wait_ready(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         """Block until every replica has loaded its model; returns their `info()`.
@@ -466,21 +409,7 @@ class TeacherPool:
             _resolve(future, error=TeacherPoolError(f"teacher pool {self.name!r} was closed"))
         if not self._owns:  # attached: the pool that started the actors stops them
             return
-        ray = _ray()
-        # let each teacher shut its engine down first: a killed actor's vLLM worker processes would
-        # otherwise keep burning CPU (or holding GPU memory) for a minute
-        # (only replicas known to be running: one that was never scheduled would never answer)
-        closing = []
-        for replica in self._replicas:
-            if replica.state == "up" and (replica.pid is not None or replica.served > 0):
-                with contextlib.suppress(Exception):
-                    closing.append(replica.handle.close.remote())
-        if closing:
-            with contextlib.suppress(Exception):
-                ray.wait(closing, num_returns=len(closing), timeout=15.0)
-        for replica in self._replicas:
-            with contextlib.suppress(Exception):  # already gone: nothing to kill
-                ray.kill(replica.handle, no_restart=True)
+        stop_replicas(self._replicas)
 
     def __reduce__(self) -> Any:
         raise TypeError(
