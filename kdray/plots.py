@@ -1,4 +1,5 @@
-"""Figures logged with a run: learning curves and the reward head's per-token heat-map.
+"""Figures logged with a run or committed with a benchmark: learning curves, sweeps, the reward head's
+per-token heat-map, and quality against diversity.
 
 Built on `matplotlib.figure.Figure` directly (no pyplot): no global figure registry, no GUI backend, safe
 in Ray workers and threads; `Tracker.log_figure` renders them to PNG with Agg.
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["learning_curves", "reward_heatmap", "search_plot"]
+__all__ = ["learning_curves", "quality_diversity", "reward_heatmap", "search_plot"]
 
 # whitespace tokens are invisible in a cell: show them as symbols
 _VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "": "∅"}
@@ -142,6 +143,31 @@ def reward_heatmap(
     ax.set_xlabel("response token")
     ax.set_title(title + (f" (first {width} tokens)" if longest > width else ""))
     fig.colorbar(image, ax=ax, label="reward posterior mean μ")
+    return fig
+
+
+def quality_diversity(
+    curves: Mapping[str, Sequence[Mapping[str, float]]], *, quality: str = "quality (%)", title: str = ""
+) -> Figure:
+    """One curve per model: sample quality against distinct-2 over sampling temperatures
+    (`kdray.eval.diversity.diversity_curve` rows), each point labelled with its temperature. Up and to the
+    right is better: good samples that still differ from each other."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    ax = fig.subplots()
+    for label, rows in curves.items():
+        rows = sorted(rows, key=lambda r: r["temperature"])
+        xs, ys = [r["distinct_2"] for r in rows], [r["quality"] for r in rows]
+        (line,) = ax.plot(xs, ys, marker="o", label=label)
+        for r, x, y in zip(rows, xs, ys, strict=True):
+            ax.annotate(f"{r['temperature']:g}", (x, y), textcoords="offset points", xytext=(3, 3),
+                        fontsize="x-small", color=line.get_color())  # fmt: skip
+    ax.set_xlabel("distinct-2 of a prompt's samples (higher = more diverse)")
+    ax.set_ylabel(quality)
+    ax.set_title(title or "quality against diversity (points: sampling temperature)", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
     return fig
 
 

@@ -42,6 +42,24 @@ def append_rows(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
     return len(lines)
 
 
+def update_rows(path: str | Path, updates: Mapping[str, Mapping[str, Any]], key: str = "key") -> int:
+    """Merge `updates[row[key]]` into the rows of `path` that have them, rewriting the file atomically (a
+    crash leaves the old file or the new one, never half of one). For measurements added to finished rows;
+    nothing else may be appending to `path` meanwhile. Returns how many rows changed."""
+    import os
+
+    path = Path(path)
+    rows, changed = read_rows(path), 0
+    for row in rows:
+        if row.get(key) in updates:
+            row.update(updates[row[key]])
+            changed += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+    return changed
+
+
 def latest_run(rows: list[dict[str, Any]], key: str = "args") -> dict[str, dict[str, Any]]:
     """The rows sharing the last row's `key` (the latest run's setting), by `model`, later rows winning."""
     if not rows:

@@ -71,6 +71,30 @@ def test_report_pairs_each_method_with_sft_of_the_same_seed_and_start(tmp_path):
         bq.report(path, "gsm8k")
 
 
+def test_sample_columns_average_the_seeds_that_have_them_and_the_plot_averages_each_temperature(tmp_path):
+    shape = {"task": "arithmetic", "student_steps": 10}
+    curve = [
+        {"temperature": t, "quality": q, "distinct_2": d, "self_bleu": 50.0}
+        for t, q, d in ((0.3, 10.0, 0.2), (1.0, 6.0, 0.5))
+    ]
+    rows = [
+        {**_row("sft", "two_stage", 0, 10.0, shape), "distinct_2": 0.4, "self_bleu": 60.0, "lca_auroc": 0.7, "curve": curve},
+        {**_row("sft", "two_stage", 1, 12.0, shape), "distinct_2": 0.6, "self_bleu": 40.0, "lca_auroc": float("nan"),
+         "curve": [{**p, "quality": p["quality"] + 2.0} for p in curve]},
+        _row("sft", "two_stage", 2, 14.0, shape),  # measured before the sample columns existed
+    ]  # fmt: skip
+    path = tmp_path / "quality.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = next(x for x in bq.report(path, "arithmetic").splitlines() if x.startswith("| student, SFT only"))
+    # distinct-2 and self-BLEU over the 2 seeds that have them; LCA AUROC over the one that is a number
+    assert "| 0.500 (2) | 50.0 (2) | 0.700 (1) |" in line
+    png = tmp_path / "qd.png"
+    bq.plot(path, "arithmetic", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no multi30k rows with a diversity curve"):
+        bq.plot(path, "multi30k", png)
+
+
 @pytest.mark.slow
 def test_rows_run_once_per_configuration_and_a_rerun_resumes(tmp_path):
     out, work = tmp_path / "quality.jsonl", tmp_path / "runs"
@@ -78,7 +102,7 @@ def test_rows_run_once_per_configuration_and_a_rerun_resumes(tmp_path):
             "--train-examples", "64", "--eval-examples", "8", "--teacher-steps", "3", "--student-steps", "4",
             "--teacher-size", "32x2", "--student-size", "16x1", "--batch-size", "4", "--max-new-tokens", "8",
             "--out", str(out), "--workdir", str(work)]  # fmt: skip
-    first = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    first = subprocess.run([*argv, "--no-extras"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stderr[-3000:]
     teacher, *students = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["start"] for r in students) == ["scratch", "two_stage"]
@@ -93,6 +117,14 @@ def test_rows_run_once_per_configuration_and_a_rerun_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "[teacher]" not in second.stdout and "[scratch" not in second.stdout
     assert "[two_stage sft seed 0 data 1]" in second.stdout
-    assert [json.loads(line)["key"] for line in out.read_text().splitlines()] == [
-        teacher["key"], *(r["key"] for r in students)
-    ]  # fmt: skip
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["key"] for r in rows] == [teacher["key"], *(r["key"] for r in students)]
+    # the rerun's row has its samples measured; --fill-extras adds them to the rows measured without
+    assert ["curve" in r for r in rows[1:]] == [False, True]
+    fill = subprocess.run([*argv, "--fill-extras"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert fill.returncode == 0, fill.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows[1:]:
+        assert [p["temperature"] for p in row["curve"]] == [0.3, 0.6, 1.0, 1.2]
+        assert 0.0 <= row["distinct_2"] <= 1.0 and "lca_auroc" in row
+    assert rows[1]["score"] == students[0]["score"], "filling in the samples leaves the row's score alone"

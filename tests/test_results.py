@@ -39,3 +39,13 @@ def test_a_half_written_line_names_its_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"rows\.jsonl:3: not a JSON row"):
         read_rows(path)
     assert read_rows(tmp_path / "missing.jsonl") == []
+
+
+def test_update_rows_merges_into_the_named_rows_only(tmp_path):
+    from kdray.results import append_rows, read_rows, update_rows
+
+    path = tmp_path / "rows.jsonl"
+    append_rows(path, [{"key": "a", "x": 1}, {"key": "b", "x": 2}, {"x": 3}])
+    assert update_rows(path, {"b": {"y": 9}, "missing": {"y": 0}}) == 1
+    assert read_rows(path) == [{"key": "a", "x": 1}, {"key": "b", "x": 2, "y": 9}, {"x": 3}]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -137,16 +137,69 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/benchmark_quality")
     parser.add_argument("--out", default="benchmarks/quality.jsonl")
     parser.add_argument("--report", action="store_true", help="print the table of --out for --task and exit")
+    parser.add_argument(
+        "--no-extras", dest="extras", action="store_false",
+        help="skip each row's diversity curve and LCA AUROCs (about a minute per row)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fill-extras", action="store_true",
+        help="add the diversity curve and LCA AUROCs to finished rows whose student is still on disk, and exit",
+    )  # fmt: skip
+    parser.add_argument("--plot", help="with --report: write the quality-diversity plot (PNG) there")
     args = parser.parse_args()
     if args.report:
         print(report(Path(args.out), args.task))
+        if args.plot:
+            plot(Path(args.out), args.task, Path(args.plot))
         return
     unknown = sorted(set(args.methods.split(",")) - set(bm.method_rows()))
     if unknown or not set(args.starts.split(",")) <= set(STARTS):
         parser.error(
             f"unknown --methods {unknown} or --starts {args.starts}; known: {list(bm.method_rows())}, {STARTS}"
         )
-    run(args)
+    fill_extras(args) if args.fill_extras else run(args)
+
+
+def row_extras(
+    path: str, held_out: list[dict[str, Any]], args: argparse.Namespace, seed: int
+) -> dict[str, Any]:
+    """A student's samples: the quality-diversity curve (8 samples per prompt at each temperature), its
+    point at temperature 1 (distinct-2, self-BLEU, sample quality) and, on exact-match tasks, the LCA
+    AUROCs (greedy + 8 samples at temperature 1; `kdray.eval.uncertainty`)."""
+    from kdray.eval.diversity import diversity_curve
+    from kdray.eval.uncertainty import lca_applies, lca_evaluation
+
+    task = "arithmetic" if args.task == "arithmetic" else "translation"
+    curve = diversity_curve(path, held_out, task=task, samples=8, max_new_tokens=args.max_response, seed=seed)
+    at_1 = next(r for r in curve if r["temperature"] == 1.0)
+    out = {"curve": curve, "distinct_2": at_1["distinct_2"], "self_bleu": at_1["self_bleu"],
+           "sample_quality": at_1["quality"]}  # fmt: skip
+    if lca_applies(args.task):
+        lca = lca_evaluation(path, held_out, samples=8, max_new_tokens=args.max_response, seed=seed)
+        out.update({k: lca[k] for k in ("lca_auroc", "entropy_auroc", "loglik_auroc")})
+    return out
+
+
+def fill_extras(args: argparse.Namespace) -> None:
+    """`row_extras` for the finished rows of this setting that lack them and whose student is on disk."""
+    from kdray.results import read_rows, update_rows
+
+    out, workdir = Path(args.out), Path(args.workdir).resolve() / args.task
+    data_args = argparse.Namespace(**{**vars(args), "seed": args.data_seed})
+    _, held_out = bm.task_records(data_args)
+    todo = [r for r in read_rows(out) if r.get("task") == args.task and r.get("shape") == shape_of(args)
+            and "start" in r and "curve" not in r]  # fmt: skip
+    for row in todo:
+        student = workdir / row["key"] / row["method"] / "student"
+        if not (student / "config.json").exists():
+            print(
+                f"[extras] {row['key']} ({row['method']}, {row['start']}, seed {row['seed']}): no student",
+                flush=True,
+            )
+            continue
+        extras = row_extras(str(student), held_out, args, row["seed"])
+        update_rows(out, {row["key"]: extras})
+        print(f"[extras] {row['key']} ({row['method']}, {row['start']}, seed {row['seed']}) done", flush=True)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -256,6 +309,7 @@ def run(args: argparse.Namespace) -> None:
         result = distill(cfg, rows, held_out, workdir=workdir / key, name=method, teacher_path=str(teacher))
         path = str(result.export_path)
         row = {
+            **(row_extras(path, held_out, args, seed) if args.extras else {}),
             "key": key,
             "model": f"student: {method}",
             "method": method,
@@ -292,8 +346,9 @@ def report(path: Path, task: str) -> str:
         cells.setdefault((r["method"], r["start"], r["fraction"]), {})[r["seed"]] = r
     metric = "exact match (%)" if task == "arithmetic" else "sacreBLEU"
     lines = [
-        f"| method | start | data | seeds | {metric}: mean ± sd [95% CI] | − SFT only (paired) | recovery | min |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| method | start | data | seeds | {metric}: mean ± sd [95% CI] | − SFT only (paired) | recovery "
+        "| distinct-2 | self-BLEU | LCA AUROC | min |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     order = {m: i for i, m in enumerate(bm.method_rows())}
     for (method, start, fraction), by_seed in sorted(
@@ -315,7 +370,9 @@ def report(path: Path, task: str) -> str:
         minutes = statistics.fmean(r["minutes"] for r in by_seed.values())
         lines.append(
             f"| {bm.LABELS.get(method, method)} | {start} | {fraction:g} | {len(scores)} | "
-            f"{mean:.1f}{sd} [{lo:.1f}, {hi:.1f}] | {lead} | {recovery} | {minutes:.1f} |"
+            f"{mean:.1f}{sd} [{lo:.1f}, {hi:.1f}] | {lead} | {recovery} | "
+            + " | ".join(_seed_mean(by_seed, k, len(scores), d) for k, d in EXTRA_COLUMNS)
+            + f" | {minutes:.1f} |"
         )
     commits = ", ".join(sorted({str(r.get("commit")) for r in rows}))
     machines = "; ".join(sorted({f"{r.get('cpu')}, {r.get('threads')} threads" for r in rows}))
@@ -329,6 +386,48 @@ def report(path: Path, task: str) -> str:
         else f"From `{path.name}`; commit {commits}; {machines}.",
     ]
     return "\n".join(lines)
+
+
+#: the sample measurements of the table (`row_extras`), with their decimals
+EXTRA_COLUMNS = (("distinct_2", 3), ("self_bleu", 1), ("lca_auroc", 3))
+
+
+def _seed_mean(by_seed: dict[int, dict[str, Any]], key: str, seeds: int, decimals: int) -> str:
+    """The mean over the seeds that have `key` ("" if none), with their count when not every seed has it."""
+    values = [r[key] for r in by_seed.values() if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+    if not values:
+        return ""
+    return f"{statistics.fmean(values):.{decimals}f}" + (f" ({len(values)})" if len(values) < seeds else "")
+
+
+def plot(path: Path, task: str, target: Path) -> None:
+    """The quality-diversity plot of `task`'s latest setting: per method and start, each temperature's
+    point averaged over the seeds that have a curve."""
+    from kdray.plots import quality_diversity
+    from kdray.results import read_rows
+
+    rows = [r for r in read_rows(path) if r.get("task") == task and "curve" in r]
+    if not rows:
+        raise ValueError(
+            f"{path}: no {task} rows with a diversity curve; run --fill-extras or a new row first"
+        )
+    shape = rows[-1]["shape"]
+    points: dict[str, dict[float, list[dict[str, float]]]] = {}
+    for r in (r for r in rows if r["shape"] == shape and r.get("fraction") == 1.0):
+        label = f"{bm.LABELS.get(r['method'], r['method'])} ({r['start'].replace('_', '-')})"
+        for p in r["curve"]:
+            points.setdefault(label, {}).setdefault(p["temperature"], []).append(p)
+    curves = {
+        label: [{k: statistics.fmean(p[k] for p in ps) for k in ps[0]} for ps in by_t.values()]
+        for label, by_t in sorted(points.items())
+    }
+    metric = "exact match of samples (%)" if task == "arithmetic" else "BLEU of samples"
+    fig = quality_diversity(
+        curves, quality=metric, title=f"{task}: quality against diversity, mean over seeds"
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+    print(f"wrote {target}")
 
 
 if __name__ == "__main__":
