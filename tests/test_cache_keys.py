@@ -231,3 +231,37 @@ def test_a_data_efficiency_run_rescores_only_its_rows_and_keeps_the_teacher(tmp_
     assert [r["id"] for r in student_records(few, records)] == ["0", "1", "2", "3"]
     assert [r["id"] for r in training_rows(few, records, records[:2])[0]] == ["0", "1", "2", "3"]
     assert len(student_records(cfg, records)) == 10
+
+
+def test_the_teacher_step_trains_from_the_teacher_and_data_sections_alone(tmp_path):
+    """Whatever the student's sections say, the teacher trained under one teacher-step key is the same run:
+    its training config is built from `teacher` and `data`, the two sections the key hashes."""
+    from kdray.workflow.teacher import teacher_training_config
+
+    cfg = config_from_dict(gsm8k_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", ROWS)))
+    student_side = {
+        "model.tiny_vocab": 300, "model.dtype": "float32", "model.tiny_layers": 3,
+        "objective.max_new_tokens": 7, "objective.method": "gkd", "objective.terms": None,
+        "train.weight_decay": 0.1, "train.grad_clip": 0.5, "train.loss_chunk_size": 4, "train.lr": 0.5,
+        "train.max_steps": 99, "train.batch_size": 4,
+    }  # fmt: skip
+    other = with_overrides(cfg, student_side)
+    assert teacher_training_config(other) == teacher_training_config(cfg)
+    assert prefix_keys(other)["teacher"] == prefix_keys(cfg)["teacher"]
+    run = teacher_training_config(cfg)
+    t = cfg.teacher
+    assert (run.model.tiny_layers, run.model.tiny_hidden, run.model.init) == (
+        t.tiny_layers,
+        t.tiny_hidden,
+        "scratch",
+    )
+    assert (run.train.max_steps, run.train.lr, run.train.batch_size) == (
+        t.train_steps,
+        t.train_lr,
+        t.batch_size,
+    )
+    assert run.objective.method == "sft" and [term.name for term in run.objective.terms] == ["ce"]
+    # a teacher-side change is a new teacher, under a new key
+    longer = with_overrides(cfg, {"teacher.train_steps": 11})
+    assert teacher_training_config(longer).train.max_steps == 11
+    assert prefix_keys(longer)["teacher"] != prefix_keys(cfg)["teacher"]

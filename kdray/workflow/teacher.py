@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdray.config import Config, with_overrides
+from kdray.config import Config
 from kdray.workflow.base import StepContext, StepResult, log_curves, read_jsonl, run_tracking
 
 
@@ -36,41 +36,37 @@ def teacher_step(ctx: StepContext, data: StepResult) -> dict[str, Any]:
         return {"path": path, "revision": t.revision, "vocab_size": int(config.vocab_size)}
     from kdray.train.trainer import distill
 
-    cfg = with_overrides(
-        ctx.cfg,
-        {
-            "model.name_or_path": "tiny",
-            "model.init": "scratch",
-            "model.tiny_layers": t.tiny_layers,
-            "model.tiny_hidden": t.tiny_hidden,
-            "objective.method": "sft",
-            "objective.terms": [{"name": "ce"}],
-            "objective.on_policy_fraction": 0.0,
-            "objective.teacher_generations": False,
-            # the teacher's own budget, independent of the student's `train` section: sweeping the
-            # student's hyper-parameters must not retrain the teacher
-            "train.num_workers": 1,
-            "train.cpus_per_worker": max(1, int(t.num_cpus)),  # the teacher's cores, as when it scores
-            "train.use_gpu": t.num_gpus > 0,
-            "train.resources": dict(t.resources),
-            "train.batch_size": t.batch_size,
-            "train.grad_accum": 1,
-            "train.max_steps": t.train_steps,
-            "train.max_examples": None,  # a data-efficiency study limits the student, not the teacher
-            "train.lr": t.train_lr,
-            "train.warmup_steps": min(20, t.train_steps // 10),
-            "train.lr_schedule": "cosine",
-            "train.seed": ctx.cfg.data.seed,
-            "train.checkpoint_every": max(t.train_steps // 4, 1),
-            "train.eval_every": max(t.train_steps // 4, 1),
-        },
-    )
+    cfg = teacher_training_config(ctx.cfg)
     run = distill(
         cfg, read_jsonl(data.outputs["train"]), read_jsonl(data.outputs["eval"]), workdir=ctx.directory,
         name="teacher", tracking=run_tracking(ctx), **ctx.train_display("teacher (cross-entropy)"),
     )  # fmt: skip
     log_curves(ctx, run.history, "teacher_learning_curves.png")
     return {"path": str(run.export_path), "revision": None, "trained_steps": t.train_steps}
+
+
+def teacher_training_config(cfg: Config) -> Config:
+    """The run that trains a `tiny` teacher, built from the `teacher` and `data` sections alone (and where
+    to log it): nothing of the student's `model`, `objective` or `train` sections reaches it, so the
+    teacher step's cache key (those two sections) names exactly one teacher, and sweeping the student
+    never changes it. Cross-entropy on the training split, one worker on the teacher's own cores."""
+    from kdray.config import LossTerm, ModelConfig, ObjectiveConfig, TrainConfig
+
+    t = cfg.teacher
+    every = max(t.train_steps // 4, 1)
+    return Config(
+        model=ModelConfig(name_or_path="tiny", init="scratch", tiny_layers=t.tiny_layers,
+                          tiny_hidden=t.tiny_hidden, dtype=t.dtype),
+        teacher=t,
+        data=cfg.data,
+        objective=ObjectiveConfig(method="sft", terms=(LossTerm(name="ce"),), on_policy_fraction=0.0),
+        train=TrainConfig(num_workers=1, cpus_per_worker=max(1, int(t.num_cpus)), use_gpu=t.num_gpus > 0,
+                          resources=dict(t.resources), batch_size=t.batch_size, max_steps=t.train_steps,
+                          lr=t.train_lr, warmup_steps=min(20, t.train_steps // 10), lr_schedule="cosine",
+                          seed=cfg.data.seed, checkpoint_every=every, eval_every=every),
+        tracking=cfg.tracking,
+        workflow=cfg.workflow,
+    )  # fmt: skip
 
 
 def preflight(cfg: Config) -> None:
