@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from kdray.data.tokenize import encode_response
 from kdray.losses.alignment import align_tokens, normalise_offsets, response_groups, response_offsets
 from kdray.losses.cross_tokenizer import (
     gold_loss,
@@ -25,6 +24,7 @@ from kdray.losses.cross_tokenizer import (
     vocab_map,
 )
 from kdray.losses.divergences import jsd_from_logprobs
+from kdray.models.prompts import encode_response
 from kdray.models.tokenizer import char_tokenizer
 
 # real lines of ../shared/data: Multi30k (German) and GSM8K (digits, typographic apostrophe, newlines)

@@ -18,12 +18,13 @@ import torch
 
 from kdray.config import ConfigError, config_from_dict, load_config, with_overrides
 from kdray.data import generate_arithmetic
-from kdray.data.tokenize import Tokenize, encode_prompt, encode_response
+from kdray.data.tokenize import Tokenize
 from kdray.losses import build_objective
 from kdray.losses.alignment import response_groups
 from kdray.losses.cross_tokenizer import gold_loss, uld_batch, vocab_map
 from kdray.methods.cross_tokenizer import CROSS_TOKENIZER_PARAMS
 from kdray.models.bpe import bpe_tokenizer, save_bpe_checkpoint
+from kdray.models.prompts import encode_prompt, encode_response
 from kdray.models.student import Student
 from kdray.models.tiny import save_tiny_checkpoint, tiny_causal_lm
 from kdray.models.tokenizer import char_tokenizer

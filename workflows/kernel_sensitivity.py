@@ -50,9 +50,10 @@ def _train(args: argparse.Namespace) -> dict:
     import torch
 
     from kdray.data.arithmetic import arithmetic_splits
-    from kdray.data.tokenize import collate, encode_prompt, tokenize_example
+    from kdray.data.tokenize import collate, tokenize_example
     from kdray.determinism import provenance
     from kdray.eval.metrics import exact_match
+    from kdray.models.prompts import encode_prompt
     from kdray.models.tiny import tiny_causal_lm
     from kdray.models.tokenizer import char_tokenizer
 

@@ -20,8 +20,6 @@ from kdray.data.records import (
 from kdray.data.tokenize import (
     Tokenize,
     collate,
-    encode_prompt,
-    encode_response,
     pad_batch,
     pad_id_of,
     tokenize_example,
@@ -37,8 +35,6 @@ __all__ = [
     "arithmetic_splits",
     "collate",
     "detect_format",
-    "encode_prompt",
-    "encode_response",
     "generate_arithmetic",
     "gsm8k_record",
     "pad_batch",

@@ -1,6 +1,6 @@
 """Prompt/response records -> token ids with a response mask, and padded numpy batches.
 
-The prompt is rendered with the model's own chat template, exactly as `Teacher.encode_prompt` does, so
+The prompt is rendered with the model's own chat template, exactly as the teacher does (`kdray.models.prompts`, one home for both), so
 the student is trained on the token sequences the teacher scores and generates from. The response is
 the plain tokenization of its text plus EOS (the model must learn to stop), and `response_mask` is True
 exactly on those tokens: prompt tokens never count in a distillation loss.
@@ -18,39 +18,17 @@ from typing import Any
 
 import numpy as np
 
+from kdray.models.prompts import encode_prompt, encode_response
+
 __all__ = [
     "Tokenize",
     "collate",
-    "encode_prompt",
-    "encode_response",
     "pad_batch",
     "pad_id_of",
     "tokenize_example",
 ]
 
 Example = dict[str, list]
-
-
-def encode_prompt(tokenizer: Any, prompt: str, *, chat_template: bool = True) -> list[int]:
-    """Prompt ids: the chat template with the assistant cue, or plain tokenization without a template."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        # transformers 5 returns a BatchEncoding, 4.x a plain list
-        return [int(t) for t in (enc["input_ids"] if isinstance(enc, Mapping) else enc)]
-    return [int(t) for t in tokenizer(prompt)["input_ids"]]
-
-
-def encode_response(tokenizer: Any, response: str) -> list[int]:
-    """Response ids without BOS or other added specials, followed by EOS."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError(
-            f"tokenizer {type(tokenizer).__name__} has no eos_token: responses must end with one"
-        )
-    return [int(t) for t in tokenizer(response, add_special_tokens=False)["input_ids"]] + [
-        int(tokenizer.eos_token_id)
-    ]
 
 
 def tokenize_example(

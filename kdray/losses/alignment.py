@@ -52,7 +52,7 @@ def response_offsets(tokenizer: Any, text: str) -> list[Span]:
     """Character spans of the tokens of `text` tokenised alone, normalised by `normalise_offsets`.
 
     The tokens are those of `tokenizer(text, add_special_tokens=False)`, i.e. what
-    `kdray.data.tokenize.encode_response` produces before it appends EOS.
+    `kdray.models.prompts.encode_response` produces before it appends EOS.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(

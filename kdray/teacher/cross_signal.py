@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kdray.data.tokenize import encode_response
+from kdray.models.prompts import encode_response
 
 
 def load_student_tokenizer(name_or_path: str) -> Any:

@@ -172,7 +172,7 @@ class Teacher:
         if not isinstance(prompt, str):
             return [int(t) for t in prompt]
         # one rendering for the data pipeline and the teacher: the student learns the prompts it is scored on
-        from kdray.data.tokenize import encode_prompt
+        from kdray.models.prompts import encode_prompt
 
         return encode_prompt(self.tokenizer, prompt, chat_template=self.chat_template)
 
