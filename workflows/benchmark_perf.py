@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 #: (teacher, chunk size): the loss-memory settings, dense unchunked first (the reference of the ratios)
 SETTINGS = (("dense", None), ("dense", 128), ("dense", 64), ("top-64", None), ("top-64", 128))
 ALLOCATORS = {"stock": {}, "mmap_threshold=64k": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
@@ -142,6 +143,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--loss-memory", action="store_true", help="measure the loss step's peak memory")
+    parser.add_argument(
+        "--throughput", action="store_true", help="TRL GKDTrainer vs kdray (cached, live), side by side"
+    )
+    parser.add_argument("--quick", action="store_true", help="--throughput in under 10 minutes on 2 cores")
+    parser.add_argument(
+        "--workdir", default=str(ROOT / "runs" / "perf"), help="checkpoints and runs of --throughput"
+    )
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=576)
@@ -150,13 +158,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:
         print(report(Path(args.out)))
+        if args.throughput:
+            import perf_throughput
+
+            print("\n" + perf_throughput.report(Path(args.out)))
         return
-    if not args.loss_memory:
-        parser.error("say what to measure: --loss-memory")
+    if not (args.loss_memory or args.throughput):
+        parser.error("say what to measure: --loss-memory and/or --throughput [--quick]")
     from kdray.results import append_rows
 
-    append_rows(args.out, loss_memory(args))
-    print(report(Path(args.out)))
+    if args.throughput:
+        import perf_throughput
+
+        append_rows(args.out, perf_throughput.throughput(args.quick, Path(args.workdir), ALLOCATORS))
+        print(perf_throughput.report(Path(args.out)))
+    if args.loss_memory:
+        append_rows(args.out, loss_memory(args))
+        print(report(Path(args.out)))
 
 
 if __name__ == "__main__":

@@ -174,6 +174,7 @@ TABLES: dict[str, Callable[[], str]] = {
         ROOT / "benchmarks" / "quality.jsonl", "arithmetic"
     ),
     "loss_memory": lambda: _workflow("benchmark_perf").report(ROOT / "benchmarks" / "perf.jsonl"),
+    "throughput": lambda: _workflow("perf_throughput").report(ROOT / "benchmarks" / "perf.jsonl"),
     "cache_read": lambda: _workflow("benchmark_cache").report(ROOT / "benchmarks" / "cache_read.jsonl"),
 }
 

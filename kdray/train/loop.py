@@ -217,7 +217,7 @@ def _log(spec: LoopSpec, rank: int, metrics: dict[str, float], tracker: Any = No
         sys.stdout.flush()
     if tracker is not None:
         # bookkeeping (a pid, a wall-clock stamp) stays in metrics.jsonl; MLflow gets the curves
-        skip = {"step", "worker_pid", "first_step_at"}
+        skip = {"step", "worker_pid", "first_step_at", "step_done_at"}
         numeric = {k: v for k, v in metrics.items() if k not in skip and isinstance(v, (int, float))}
         tracker.log_metrics(numeric, step=int(metrics["step"]))
 
@@ -358,7 +358,8 @@ class TrainingLoop:
             advance_method_state(state.method, state.step, logs["loss"])
             tokens = sum(int(np.asarray(m["attention_mask"]).sum()) for m in micro)
             now = time.perf_counter()
-            rates = {"tokens_per_s": tokens / max(now - wall_mark, 1e-9), "data_wait_s": started - fetching}
+            rates = {"tokens_per_s": tokens / max(now - wall_mark, 1e-9), "data_wait_s": started - fetching,
+                     "step_tokens": tokens, "step_done_at": time.time()}  # fmt: skip
             wall_mark = now
             self._report(logs, rates)
             if bar is not None:

