@@ -35,7 +35,9 @@ SYSTEMS = ("trl", "kdray-cached", "kdray-live")
 QUICK = {"batch": 4, "steps": 6, "max_prompt": 96, "max_response": 64}
 FULL = {"batch": 4, "steps": 30, "max_prompt": 192, "max_response": 192}
 RESULT = "[throughput result] "  # the child's answer line, among whatever its libraries print
-COMMON = {"lr": 5e-5, "top_k": 64, "beta": 0.5, "data": str(ROOT.parent / "shared" / "data" / "gsm8k")}
+#: GSM8K under $KDRAY_DATA_DIR, else ../shared/data beside the checkout (as the tests look for it)
+DATA = Path(os.environ.get("KDRAY_DATA_DIR", ROOT.parent / "shared" / "data")) / "gsm8k"
+COMMON = {"lr": 5e-5, "top_k": 64, "beta": 0.5, "data": str(DATA)}
 
 
 def _records(settings: dict[str, Any]) -> list[dict[str, Any]]:
