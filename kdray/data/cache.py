@@ -187,6 +187,7 @@ def _compact_batch(batch: Mapping[str, Any], vocab_size: int) -> Any:
     from kdray.teacher.signal_store import compact
 
     out = _per_column(batch, lambda cols: compact(cols, vocab_size))
+    out = _trimmed(out)
     columns = {}
     for key, value in out.items():
         value = np.asarray(value)
@@ -199,10 +200,35 @@ def _compact_batch(batch: Mapping[str, Any], vocab_size: int) -> Any:
     return pa.table(columns)
 
 
+def _trimmed(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Each row's per-token columns cut to its real tokens (rows are right-padded): padding is not stored.
+    Readers get ragged rows back and the worker pads them once, to its own batch (`regularize_batch`)."""
+    from kdray.data.tokenize import TOKEN_COLUMNS
+
+    if "attention_mask" not in batch:
+        return dict(batch)
+    lengths = [int(np.asarray(m, bool).sum()) for m in batch["attention_mask"]]
+    out = dict(batch)
+    for key in TOKEN_COLUMNS:
+        if key in batch:
+            rows = np.empty(len(lengths), dtype=object)
+            rows[:] = [np.asarray(r)[:n] for r, n in zip(batch[key], lengths, strict=True)]
+            out[key] = rows
+    return out
+
+
 def _expand_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
     from kdray.teacher.signal_store import expand
 
     return _per_column(batch, expand)
+
+
+def keep_order(ds: Any) -> Any:
+    """`ds` with block order preserved in its own execution options: a Dataset copies Ray Data's context
+    when it is made, so setting the process-wide option afterwards (`pipeline.deterministic_order`)
+    would not reach one made before."""
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 #: in-memory bytes of scored rows gathered into one cache file (the files on disk are smaller, compressed)
@@ -229,16 +255,30 @@ class SignalCache:
 
     def write(self, ds: Any, key: str, *, vocab_size: int, meta: Mapping[str, Any] | None = None) -> int:
         """Write a scored dataset (compact: uint16/int32 ids, float16 log-probs); returns the row count."""
-        final, tmp = self.path(key), self.root / f".{key}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        stored = ds.map_batches(_compact_batch, fn_kwargs={"vocab_size": vocab_size}, batch_size=None)
-        # few large files, not one per scoring batch: each file costs the reader a Ray task (and, past a
-        # few dozen files, footer-reading tasks), which on a small machine took longer than the rows
-        stored.write_parquet(str(tmp), min_bytes_per_file=SIGNAL_FILE_BYTES)
-        # count from the parquet footers: ds.count() would run the teacher over the data a second time
         import pyarrow.parquet as pq
 
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.glob("*.parquet"))
+        final, tmp = self.path(key), self.root / f".{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        stored = ds.map_batches(_compact_batch, fn_kwargs={"vocab_size": vocab_size}, batch_size=None)
+        keep_order(stored)
+        # Written here, in the order the rows come: Ray Data's own write_parquet names and fills its files
+        # in the order its write tasks finish, so the rows of a cache entry (the order students read)
+        # changed from run to run. Few large files, not one per scoring batch: each file costs the
+        # reader a Ray task, which on a small machine took longer than the rows.
+        rows, writer, held, index = 0, None, 0, 0
+        try:
+            for table in stored.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if writer is not None and (held >= SIGNAL_FILE_BYTES or table.schema != writer.schema):
+                    writer.close()
+                    writer, held, index = None, 0, index + 1
+                if writer is None:
+                    writer = pq.ParquetWriter(str(tmp / f"part-{index:05d}.parquet"), table.schema)
+                writer.write_table(table)
+                rows, held = rows + table.num_rows, held + table.nbytes
+        finally:
+            if writer is not None:
+                writer.close()
         (tmp / "_SUCCESS").write_text(json.dumps({"rows": rows, "key": key, **(meta or {})}, default=str))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -254,11 +294,11 @@ class SignalCache:
                 f"no complete teacher-signal cache entry {key!r} under {self.root} (missing {self.path(key)}/_SUCCESS)"
             )
         ds = ray.data.read_parquet([str(f) for f in self.files(key)])
-        return ds.map_batches(_expand_batch, batch_size=None)
+        return keep_order(ds.map_batches(_expand_batch, batch_size=None))
 
     def files(self, key: str) -> list[Path]:
-        """The entry's parquet files in write order (Ray names them by write task index, zero-padded):
-        every reader (Ray Data here, a Tune trial's in-process reader) sees the rows in one order."""
+        """The entry's parquet files in write order (`part-NNNNN`, numbered as written): every reader (Ray
+        Data here, a Tune trial's in-process reader) sees the rows in the order they were scored."""
         if not self.complete(key):
             raise FileNotFoundError(
                 f"no complete teacher-signal cache entry {key!r} under {self.root} (missing {self.path(key)}/_SUCCESS)"

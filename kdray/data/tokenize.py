@@ -21,6 +21,7 @@ import numpy as np
 from kdray.models.prompts import encode_prompt, encode_response
 
 __all__ = [
+    "TOKEN_COLUMNS",
     "Tokenize",
     "collate",
     "pad_batch",
@@ -29,6 +30,21 @@ __all__ = [
 ]
 
 Example = dict[str, list]
+
+#: per-token columns: (B, T) or (B, T, k), aligned with the input tokens: what
+#: padding lengthens (the worker pads them once, `kdray.train.batches.regularize_batch`)
+TOKEN_COLUMNS = (
+    "input_ids",
+    "attention_mask",
+    "response_mask",
+    "topk_ids",
+    "topk_logprobs",
+    "token_logprobs",
+    "teacher_logits",
+    "old_logprobs",
+    "mix_logprobs",
+    "xtok_student_group",
+)
 
 
 def tokenize_example(

@@ -12,19 +12,8 @@ from typing import Any
 
 import numpy as np
 
-#: per-token columns: (B, T) or (B, T, k), aligned with the input tokens
-TOKEN_COLUMNS = (
-    "input_ids",
-    "attention_mask",
-    "response_mask",
-    "topk_ids",
-    "topk_logprobs",
-    "token_logprobs",
-    "teacher_logits",
-    "old_logprobs",
-    "mix_logprobs",
-    "xtok_student_group",
-)
+from kdray.data.tokenize import TOKEN_COLUMNS
+
 #: per teacher-response-token columns of the cross-tokenizer signal: as wide as the longest teacher
 #: response of the batch, not the student's row (`kdray.losses.cross_tokenizer_term`)
 TEACHER_RESPONSE_COLUMNS = (

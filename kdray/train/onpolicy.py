@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdray.train.batches import TOKEN_COLUMNS, regularize_batch
+from kdray.data.tokenize import TOKEN_COLUMNS
+from kdray.train.batches import regularize_batch
 
 Tensor = torch.Tensor
 
