@@ -152,14 +152,17 @@ def quality_diversity(
     """One curve per model: sample quality against distinct-2 over sampling temperatures
     (`kdray.eval.diversity.diversity_curve` rows), each point labelled with its temperature. Up and to the
     right is better: good samples that still differ from each other."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    fig = Figure(figsize=(11, 5.5), layout="constrained")
     ax = fig.subplots()
-    for label, rows in curves.items():
+    colors = colormaps["tab20"].colors  # more curves than the default cycle's 10 colours
+    for i, (label, rows) in enumerate(curves.items()):
         rows = sorted(rows, key=lambda r: r["temperature"])
         xs, ys = [r["distinct_2"] for r in rows], [r["quality"] for r in rows]
-        (line,) = ax.plot(xs, ys, marker="o", label=label)
+        style = {"color": colors[(2 * i) % 20 + (2 * i) // 20 % 2], "linestyle": "-" if i < 10 else "--"}
+        (line,) = ax.plot(xs, ys, marker="o", label=label, **style)
         for r, x, y in zip(rows, xs, ys, strict=True):
             ax.annotate(f"{r['temperature']:g}", (x, y), textcoords="offset points", xytext=(3, 3),
                         fontsize="x-small", color=line.get_color())  # fmt: skip
@@ -167,7 +170,7 @@ def quality_diversity(
     ax.set_ylabel(quality)
     ax.set_title(title or "quality against diversity (points: sampling temperature)", fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 
