@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rw.add_argument("--no-chat-template", action="store_true", help="as the run's data.chat_template: false")
     rw.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    sub.add_parser(
+        "bench",
+        help="the performance benchmarks of a source checkout: kdray bench --throughput --quick, "
+        "--loss-memory, --report (= python workflows/benchmark_perf.py ...)",
+        add_help=False,
+    )
     return parser
 
 
@@ -160,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # positional arguments after options (`eval DIR --config C train.lr=1`) arrive as extras
     args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return bench_command(extra)
     if args.command in ("config", "run", "sweep", "eval"):
         if any(a.startswith("-") for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -230,6 +238,24 @@ def main(argv: list[str] | None = None) -> int:
         return reward_command(args)
     parser.print_help()
     return 0
+
+
+def bench_command(argv: list[str]) -> int:
+    """Run `workflows/benchmark_perf.py` of the checkout kdray is installed from, with `argv`: the
+    benchmarks are scripts beside the package (they write results files and README tables), so they
+    exist in a source checkout, not in an installed wheel."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "workflows" / "benchmark_perf.py"
+    if not script.is_file():
+        print(
+            f"error: {script} not found: `kdray bench` runs the benchmarks of a source checkout; clone the "
+            "repository and install it with `pip install -e '.[bench]'`",
+            file=sys.stderr,
+        )
+        return 2
+    return subprocess.call([sys.executable, str(script), *argv])
 
 
 if __name__ == "__main__":

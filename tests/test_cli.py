@@ -139,3 +139,18 @@ def test_config_checks_tokenizers_before_any_work(tmp_path, capsys):
     assert main(["config", str(cfg), "objective.method=seqkd"]) == 0  # text-only: any pair
     assert "tokenizers differ" in capsys.readouterr().err
     assert main(["config", str(cfg), "--no-preflight", "objective.method=supervised_kd"]) == 0
+
+
+def test_bench_runs_the_checkout_s_benchmark_and_reports_every_table(tmp_path, capfd):
+    import shutil
+    from pathlib import Path
+
+    out = tmp_path / "perf.jsonl"
+    shutil.copy(Path(__file__).resolve().parents[1] / "benchmarks" / "perf.jsonl", out)
+    assert main(["bench", "--report", "--out", str(out)]) == 0
+    printed = capfd.readouterr().out
+    assert "| teacher signal | chunk (positions) |" in printed and "| system | allocator |" in printed
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["bench", "--report", "--out", str(empty)]) == 0
+    assert "no throughput rows; run python workflows/benchmark_perf.py --throughput" in capfd.readouterr().out

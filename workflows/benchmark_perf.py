@@ -156,12 +156,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "perf.jsonl"))
     parser.add_argument("--report", action="store_true", help="print the tables of --out and exit")
     args = parser.parse_args()
-    if args.report:
-        print(report(Path(args.out)))
-        if args.throughput:
-            import perf_throughput
+    if args.report:  # every table the file has rows for
+        import perf_throughput
 
-            print("\n" + perf_throughput.report(Path(args.out)))
+        tables = []
+        for render in (report, perf_throughput.report):
+            try:
+                tables.append(render(Path(args.out)))
+            except ValueError as err:
+                tables.append(f"({err})")
+        print("\n\n".join(tables))
         return
     if not (args.loss_memory or args.throughput):
         parser.error("say what to measure: --loss-memory and/or --throughput [--quick]")
