@@ -202,8 +202,9 @@ class Tracker:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=5.0)  # a daemon: one stuck in a request must not hold up the caller
-        self._spool.release(remove=sent and not self._thread.is_alive())
-        if not (sent and not self._thread.is_alive()):
+        done = sent and not self._thread.is_alive()  # read once: the sender may end between two reads
+        self._spool.release(remove=done)
+        if not done:
             where = f"Tracker({self.tracking_uri!r}, {self.experiment!r}, run_id={self.run_id!r}, spool_dir={str(self._spool.dir)!r})"
             logger.warning(
                 "MLflow at %s did not take all of run %s within %.0fs; the unsent calls are kept in %s. "
