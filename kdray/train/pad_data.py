@@ -237,12 +237,12 @@ def pad_rows(cfg: Any, records: Sequence[Mapping[str, Any]], *, teacher_path: st
     quarter for the prompts that get dropped. The rows are cut to whole global batches of whole groups.
     """
     from kdray.data import pipeline
-    from kdray.train.trainer import loop_spec, teacher_kwargs
+    from kdray.train.trainer import loop_spec, rows_per_run, teacher_kwargs
 
     p = pad_params(cfg)
     t, tr = cfg.teacher, cfg.train
     n = int(p["n"])
-    needed = tr.max_steps * tr.batch_size * tr.grad_accum * tr.num_workers // n
+    needed = rows_per_run(cfg) // n
     prompts = list(records[: min(len(records), math.ceil(needed * 1.25) + 1)])
     pipeline.deterministic_order()
     # the student exactly as the training workers build it (same weights: same spec, same seed)

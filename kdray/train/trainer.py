@@ -266,12 +266,16 @@ def distill(
         cfg, train_records, eval_records, teacher_path=teacher_path, tokenizer_path=tokenizer_path,
         signal_dataset=signal_dataset, progress=progress,
     )  # fmt: skip
+    live = signal_dataset is None and (needs_signal(cfg) or needs_generations(cfg))
+    train_ds = kept_for_epochs(cfg, train_ds, len(train_records), live=live)
+    eval_ds = eval_ds.materialize()
     spec = loop_spec(cfg, teacher_path=teacher_path, metrics_path=metrics_path, export_path=export_path)
     spec.teacher_progress = progress
     from kdray.train.resume import recover_damaged_snapshot
 
     resume_from = recover_damaged_snapshot(workdir / "ray_train" / name)
     spec.resume_from = str(resume_from) if resume_from else None
+    spec.run_dir = str(workdir / "ray_train" / name)
     spec.tracking = dict(tracking) if tracking else None
     spec.progress_desc = progress_desc
     spec.progress_bar = progress_bar
@@ -373,6 +377,14 @@ def training_rows(
     return rows_consumed(cfg, train), paired_rows(eval_records, block_rows=rows, splits=splits)
 
 
+def kept_for_epochs(cfg: Any, train_ds: Any, rows: int, *, live: bool) -> Any:
+    """The training dataset, materialized in the object store when the run reads it more than once (fewer
+    rows than steps x global batch) and no live teacher scores it: Ray Data otherwise re-reads and
+    re-tokenizes every row each epoch (and re-reads the signal cache). A live teacher's stream is left streaming (materializing it would hold every row's signal
+    in memory at once); the eval split is small and read at every evaluation, so it is always kept."""
+    return train_ds.materialize() if rows < rows_per_run(cfg) and not live else train_ds
+
+
 def student_records(cfg: Any, records: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
     """The training records the student may read: the first `train.max_examples` (all when None). The
     teacher pass scores exactly these, so a cached pass and live scoring see the same rows."""
@@ -384,9 +396,14 @@ def rows_consumed(cfg: Any, records: Sequence[Mapping[str, Any]]) -> Sequence[Ma
     """The records the run will read: steps x global batch rows in data order (epochs repeat when there
     are fewer). Rows past that are never trained on, and scoring them would only fill the object store
     with signal the student never reads (gigabytes at full vocabulary)."""
-    t = cfg.train
-    needed = t.max_steps * t.batch_size * t.grad_accum * t.num_workers
+    needed = rows_per_run(cfg)
     return records[:needed] if len(records) > needed else records
+
+
+def rows_per_run(cfg: Any) -> int:
+    """Rows one run trains on: steps x batch x gradient accumulation x workers."""
+    t = cfg.train
+    return t.max_steps * t.batch_size * t.grad_accum * t.num_workers
 
 
 def pool_overrides(cfg: Any, teacher_path: str | None) -> dict[str, Any]:
