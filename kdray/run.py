@@ -154,8 +154,15 @@ def append_results(cfg: Any, result: Any, args: argparse.Namespace, wall_s: floa
         "steps_s": {s.step: 0.0 if s.cached else round(s.seconds, 1) for s in result.steps},
         "metric": evaluation.outputs["metric"],
     }
+    lead = evaluation.outputs.get("lead") or {}
     rows = (
-        {"model": label, "scores": scores, **common} for label, scores in evaluation.outputs["scores"].items()
+        {"model": label, "scores": scores, **common}
+        | (
+            {"lead_vs_baseline": {k: v for k, v in lead.items() if k != "model"}}
+            if label == lead.get("model")
+            else {}
+        )
+        for label, scores in evaluation.outputs["scores"].items()
     )
     return append_rows(cfg.workflow.results_file, rows)
 

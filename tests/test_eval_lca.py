@@ -254,6 +254,16 @@ def test_the_evaluate_step_adds_the_lca_table_for_both_students(digit_model, tmp
     assert out["lca"]["baseline"] == out["lca"]["student"] and out["lca"]["student"]["greedy_accuracy"] == 0.5
     table = (tmp_path / "table.md").read_text()
     assert "LCA AUROC" in table and "| student (SFT only) |" in table and "| student (xkd) |" in table
+    # the same model as both students: a lead of exactly 0 on the same prompts, said in words
+    assert out["lead"] == {
+        "model": "student (xkd)",
+        "lead": 0.0,
+        "lead_lo": 0.0,
+        "lead_hi": 0.0,
+        "prompts": 4.0,
+    }
+    assert "student (xkd) ties student (SFT only) by +0.0 exact-match points on the same 4 problems" in table
+    assert "within this evaluation's noise" in table
     rows = [json.loads(x) for x in (tmp_path / "lca_student.jsonl").read_text().splitlines()]
     assert len(rows) == len(records) and sum(r["correct"] for r in rows) == 2
     # the LCA settings are part of the step's cache key: changing them re-runs the evaluation

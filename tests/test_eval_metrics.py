@@ -78,3 +78,29 @@ def test_auroc_and_entropy():
     assert np.isnan(M.auroc([0.1], [True]))
     assert M.answer_entropy(["1", "1"]) == 0.0
     assert M.answer_entropy(["1", "2"]) == pytest.approx(np.log(2))
+
+
+def test_paired_lead_counts_only_the_prompts_where_the_two_models_differ():
+    base = [True] * 50 + [False] * 50
+    better = [True] * 50 + [True] * 10 + [False] * 40  # right on 10 more of the same prompts
+    lead = M.paired_lead(base, better)
+    assert lead["lead"] == pytest.approx(10.0) and lead["prompts"] == 100
+    assert 0 < lead["lead_lo"] < 10 < lead["lead_hi"]  # 10 discordant prompts of 100: clears zero
+    # two accuracies 10 points apart whose errors do not overlap: the same mean, a far wider interval
+    crossed = M.paired_lead([True] * 40 + [False] * 60, [False] * 40 + [True] * 50 + [False] * 10)
+    assert crossed["lead"] == pytest.approx(10.0)
+    assert crossed["lead_hi"] - crossed["lead_lo"] > 2 * (lead["lead_hi"] - lead["lead_lo"])
+    assert crossed["lead_lo"] < 0  # within the noise of 100 prompts
+    worse = M.paired_lead(better, base)
+    assert worse["lead"] == -10.0 and worse["lead_hi"] < 0
+    with pytest.raises(ValueError, match="3 baseline answers but 2"):
+        M.paired_lead([True, False, True], [True, False])
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
+    values = [0.0, 10.0, 20.0, 5.0, 15.0]
+    lo, hi = M.bootstrap_ci(values)
+    assert lo < 10.0 < hi and (lo, hi) == M.bootstrap_ci(values)
+    assert M.bootstrap_ci([3.0, 3.0]) == (3.0, 3.0)
+    with pytest.raises(ValueError, match="no values"):
+        M.bootstrap_ci([])

@@ -44,14 +44,18 @@ def test_a_run_appends_its_table_rows_and_the_table_says_where_they_came_from(tm
     results = tmp_path / "quick.jsonl"
     cfg = with_overrides(Config(), {"workflow.results_file": str(results)})
     scores = {"teacher": {"exact_match": 75.5, "distinct_2": 0.232}, "student (xkd)": {"exact_match": 33.5}}
+    lead = {"model": "student (xkd)", "lead": 3.0, "lead_lo": -1.5, "lead_hi": 7.5, "prompts": 200.0}
+    evaluation = {"metric": "exact_match", "scores": scores, "lead": lead}
     steps = [
         StepResult("teacher", "k1", "d1", {}, True, 0.0),
-        StepResult("evaluate", "k2", "d2", {"metric": "exact_match", "scores": scores}, False, 41.2),
+        StepResult("evaluate", "k2", "d2", evaluation, False, 41.2),
     ]
     args = argparse.Namespace(config="q.yaml", overrides=["train.seed=1"])
     assert append_results(cfg, SimpleNamespace(steps=steps), args, wall_s=512.3) == 2
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["model"] for r in rows] == ["teacher", "student (xkd)"]
+    assert "lead_vs_baseline" not in rows[0]  # the lead is the distilled student's, on its own row
+    assert rows[1]["lead_vs_baseline"] == {"lead": 3.0, "lead_lo": -1.5, "lead_hi": 7.5, "prompts": 200.0}
     assert rows[0]["command"] == "kdray run --config q.yaml train.seed=1" and rows[0]["wall_s"] == 512.3
     assert rows[0]["steps_s"] == {"teacher": 0.0, "evaluate": 41.2} and {"commit", "cpu", "threads"} <= set(
         rows[0]

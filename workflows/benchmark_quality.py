@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
 import statistics
 import sys
 import time
@@ -33,6 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark_methods as bm
+
+from kdray.eval.metrics import bootstrap_ci
 
 #: the rows of the quality table (METHODS.md's baselines and both X-KD variants); AVA-d reads no teacher
 DEFAULT_METHODS = "sft,supervised_kd,seqkd,gkd,minillm,distillm,taid,xkd-divergence,xkd-divergence-logprobs,xkd-sequence,pad"
@@ -103,17 +104,6 @@ def rotate(records: Sequence[dict[str, Any]], offset: int) -> list[dict[str, Any
     """The records starting at `offset` (mod their count): the second stage reads on where the first stopped."""
     offset %= max(len(records), 1)
     return list(records[offset:]) + list(records[:offset])
-
-
-def bootstrap_ci(
-    values: Sequence[float], *, level: float = 0.95, n: int = 10000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (resampling seeds with replacement)."""
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(n))
-    lo = means[int((1 - level) / 2 * n)]
-    hi = means[min(int((1 + level) / 2 * n), n - 1)]
-    return lo, hi
 
 
 # ---- running rows ------------------------------------------------------------------------------------

@@ -146,13 +146,17 @@ def task_scores(
         raise ValueError(f"unknown task {task!r}; one of {sorted(TASK_METRIC)}")
     out: dict[str, float] = {"distinct_2": distinct_n(predictions, 2)}
     if task in ("arithmetic", "gsm8k"):
-        answers = [str(r.get("answer") or r["response"]) for r in records]
-        out["exact_match"] = 100.0 * exact_match(predictions, answers)
+        out["exact_match"] = 100.0 * exact_match(predictions, reference_answers(records))
     elif task == "translation":
         out["bleu"] = bleu(predictions, [r["response"] for r in records])
     else:
         out.update(rouge(predictions, [r["response"] for r in records]))
     return out
+
+
+def reference_answers(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The answer exact match compares against: the record's `answer`, else its whole `response`."""
+    return [str(r.get("answer") or r["response"]) for r in records]
 
 
 def reward_rows(

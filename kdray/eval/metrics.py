@@ -7,7 +7,9 @@ sacreBLEU and rouge-score are imported where used.
 from __future__ import annotations
 
 import math
+import random
 import re
+import statistics
 from collections import Counter
 from collections.abc import Sequence
 
@@ -31,13 +33,42 @@ def extract_answer(text: str) -> str | None:
     return value
 
 
+def exact_match_hits(predictions: Sequence[str], answers: Sequence[str]) -> list[bool]:
+    """Per prediction: does its extracted final number equal the reference answer's."""
+    _same_length(predictions, answers)
+    return [extract_answer(p) == extract_answer(str(a)) for p, a in zip(predictions, answers, strict=True)]
+
+
 def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
     """Share of predictions whose extracted final number equals the reference answer."""
-    _same_length(predictions, answers)
-    if not predictions:
-        return 0.0
-    hits = sum(extract_answer(p) == extract_answer(str(a)) for p, a in zip(predictions, answers, strict=True))
-    return hits / len(predictions)
+    hits = exact_match_hits(predictions, answers)
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+def bootstrap_ci(
+    values: Sequence[float], *, level: float = 0.95, n: int = 10000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampled with replacement, seeded)."""
+    if not values:
+        raise ValueError("bootstrap_ci: no values")
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(n))
+    return means[int((1 - level) / 2 * n)], means[min(int((1 + level) / 2 * n), n - 1)]
+
+
+def paired_lead(
+    base_hits: Sequence[bool], hits: Sequence[bool], *, level: float = 0.95, n: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """How far `hits` leads `base_hits` on the same prompts, in percentage points, with a paired bootstrap
+    interval (prompts resampled, both models' answers kept together). Pairing is why this is tighter than
+    comparing two accuracies: the prompts both models get right or both get wrong add no noise. An
+    interval that excludes 0 says the lead is beyond the evaluation's sampling noise on this prompt set;
+    it says nothing of the spread between training seeds."""
+    if len(base_hits) != len(hits):
+        raise ValueError(f"paired_lead: {len(base_hits)} baseline answers but {len(hits)} answers")
+    diffs = [100.0 * (int(b) - int(a)) for a, b in zip(base_hits, hits, strict=True)]
+    lo, hi = bootstrap_ci(diffs, level=level, n=n, seed=seed)
+    return {"lead": statistics.fmean(diffs), "lead_lo": lo, "lead_hi": hi, "prompts": float(len(diffs))}
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:

@@ -22,7 +22,8 @@ def evaluate_step(
     """Greedy held-out generations of the teacher, the SFT baseline and the student, scored for the
     task; sample generations and (X-KD) the reward heat-map go to MLflow. On exact-match tasks the two
     students also get the LCA uncertainty AUROCs (a second table; `workflow.lca_samples: 0` skips it)."""
-    from kdray.eval.evaluate import TASK_METRIC, reward_rows, score_model
+    from kdray.eval.evaluate import TASK_METRIC, reference_answers, reward_rows, score_model
+    from kdray.eval.metrics import exact_match_hits, paired_lead
     from kdray.eval.uncertainty import evaluate_models_lca, format_lca_table, lca_applies, not_applicable
 
     cfg = ctx.cfg
@@ -34,6 +35,7 @@ def evaluate_step(
     models["student"] = (f"student ({cfg.objective.method})", student.outputs["student"])
     metric = TASK_METRIC[cfg.data.task]
     scores: dict[str, dict[str, float]] = {}
+    texts_of: dict[str, list[str]] = {}
     samples: list[dict[str, Any]] = []
     for short, (label, path) in models.items():
         texts, scores[label] = score_model(
@@ -41,6 +43,7 @@ def evaluate_step(
             max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens,
             desc=f"evaluating {label}",
         )  # fmt: skip
+        texts_of[short] = texts
         if ctx.tracker is not None:
             ctx.tracker.log_metrics({f"{short}/{k}": v for k, v in scores[label].items()}, step=0)
         for r, text in list(zip(records, texts, strict=True))[: cfg.workflow.samples]:
@@ -48,6 +51,14 @@ def evaluate_step(
                 {"model": label, "prompt": r["prompt"], "reference": r["response"], "output": text}
             )
     table = format_table(scores, metric, cfg.data.task, len(records))
+    lead = None
+    if metric == "exact_match" and "baseline" in texts_of:
+        answers = reference_answers(records)
+        base, own = (exact_match_hits(texts_of[k], answers) for k in ("baseline", "student"))
+        lead = paired_lead(base, own, seed=cfg.data.seed)
+        table += "\n\n" + lead_sentence(models["student"][0], models["baseline"][0], lead)
+        if ctx.tracker is not None:
+            ctx.tracker.log_metrics({f"student/{k}": v for k, v in lead.items()}, step=0)
     students = {short: models[short] for short in ("baseline", "student") if short in models}
     lca = evaluate_models_lca(
         students, records, task=cfg.data.task, samples=cfg.workflow.lca_samples,
@@ -77,7 +88,8 @@ def evaluate_step(
             from kdray.plots import reward_heatmap
 
             ctx.tracker.log_figure(reward_heatmap(rows), "reward_heatmap.png")
-    return {"metric": metric, "scores": scores, "table": table, "reward_rows": len(rows), "lca": lca}
+    out = {"metric": metric, "scores": scores, "table": table, "reward_rows": len(rows), "lca": lca}
+    return {**out, "lead": {"model": models["student"][0], **lead}} if lead else out
 
 
 def format_table(scores: Mapping[str, Mapping[str, float]], metric: str, task: str, n: int) -> str:
@@ -89,6 +101,22 @@ def format_table(scores: Mapping[str, Mapping[str, float]], metric: str, task: s
         cells = [f"{values[metric]:.2f}"] + [f"{values.get(k, float('nan')):.3f}" for k in extra]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def lead_sentence(student: str, baseline: str, lead: Mapping[str, float]) -> str:
+    """The evaluation's verdict in words: the paired lead of `student` over `baseline` (`paired_lead`),
+    and whether its interval clears zero."""
+    d, lo, hi, n = lead["lead"], lead["lead_lo"], lead["lead_hi"], int(lead["prompts"])
+    verb = "leads" if d > 0 else "trails" if d < 0 else "ties"
+    if lo > 0 or hi < 0:
+        verdict = "beyond this evaluation's noise (the interval excludes 0)"
+    else:
+        verdict = "within this evaluation's noise (the interval includes 0)"
+    return (
+        f"{student} {verb} {baseline} by {d:+.1f} exact-match points on the same {n} problems (paired "
+        f"bootstrap 95% interval {lo:+.1f} to {hi:+.1f}): {verdict}. That is one training run; the spread "
+        "between seeds is measured by rerunning with other `data.seed` / `train.seed` values."
+    )
 
 
 def summary_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
