@@ -32,6 +32,10 @@ from kdray.train.session import RayTrainSession
 from kdray.train.state import method_state
 from kdray.train.step import NonFiniteLossError, StepConfig, to_tensors, train_step
 
+#: per-step fields of metrics.jsonl that are bookkeeping, not curves (a pid, wall-clock stamps): kept in
+#: the file, left out of MLflow and of Tune's results
+BOOKKEEPING = frozenset({"worker_pid", "first_step_at", "step_done_at"})
+
 
 @dataclass
 class LoopSpec:
@@ -227,7 +231,7 @@ def _log(spec: LoopSpec, rank: int, metrics: dict[str, float], tracker: Any = No
         sys.stdout.flush()
     if tracker is not None:
         # bookkeeping (a pid, a wall-clock stamp) stays in metrics.jsonl; MLflow gets the curves
-        skip = {"step", "worker_pid", "first_step_at", "step_done_at"}
+        skip = {"step", *BOOKKEEPING}
         numeric = {k: v for k, v in metrics.items() if k not in skip and isinstance(v, (int, float))}
         tracker.log_metrics(numeric, step=int(metrics["step"]))
 

@@ -75,8 +75,9 @@ class TuneSession:
 
 def _tune_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Numbers only (a None stamp would make Tune's loggers choke), bookkeeping left out."""
-    skip = {"worker_pid", "first_step_at", "step_done_at"}
-    return {k: v for k, v in metrics.items() if k not in skip and isinstance(v, (int, float))}
+    from kdray.train.loop import BOOKKEEPING
+
+    return {k: v for k, v in metrics.items() if k not in BOOKKEEPING and isinstance(v, (int, float))}
 
 
 def trial_files(sweep_dir: str | Path, trial_id: str) -> Path:
