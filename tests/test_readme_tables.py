@@ -65,6 +65,15 @@ def test_a_run_appends_its_table_rows_and_the_table_says_where_they_came_from(tm
     table = tables.run_table(results)
     assert "| teacher | 75.50 | 0.232 |" in table and "| student (xkd) | 33.50 | nan |" in table
     assert "`kdray run --config q.yaml train.seed=1`" in table and "512 s" in table
+    assert "lead" not in table  # no SFT-only row in this run: no sentence about a lead over it
+    sft = {"model": "student (SFT only)", "scores": {"exact_match": 30.5}}
+    rows.insert(1, {**rows[0], **sft})
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = tables.run_table(results)
+    assert (
+        "student (xkd) leads student (SFT only) by +3.0 exact-match points on the same 200 problems (paired "
+        "bootstrap 95% interval -1.5 to +7.5): within this evaluation's noise" in table
+    )
 
 
 def test_the_seeds_table_takes_each_data_seeds_latest_run_and_its_spread(tmp_path, monkeypatch):
@@ -121,3 +130,35 @@ def test_the_seeds_table_gives_each_students_lead_over_sft_paired_by_seed(tmp_pa
     # +3 and +1: mean +2, sd 1.4; the unpaired spreads (7.1 each) would hide a lead every seed shows
     assert lines[4] == "| student (xkd) − SFT only (same seed) | +3 / +1 (+2 ± 1.4) |"
     assert not any(line.startswith("| student (SFT only) −") for line in lines)
+
+
+def test_the_variants_table_puts_each_overridden_run_beside_its_sft_twin(tmp_path, monkeypatch):
+    import json
+
+    tables = _tables()
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    base = {"commit": "abc1234", "cpu": "x", "threads": 2, "metric": "exact_match"}
+
+    def run(command: str, wall: float, scores: dict[str, tuple[float, float]]) -> list[dict]:
+        return [
+            {
+                **base,
+                "command": command,
+                "wall_s": wall,
+                "model": m,
+                "scores": {"exact_match": e, "heldout_ce": c},
+            }
+            for m, (e, c) in scores.items()
+        ]
+
+    q = "kdray run --config workflows/configs/quickstart.yaml"
+    rows = run(f"{q} train.lr=3e-3 workflow.results_file=/tmp/a.jsonl", 1.0,
+               {"teacher": (75.5, 0.02), "student (SFT only)": (33.5, 0.072), "student (xkd)": (35.5, 0.068)})  # fmt: skip
+    rows += run(f"{q} workflow.baseline=false", 2.0, {"student (xkd)": (30.0, 0.08)})  # no twin: left out
+    path = tmp_path / "variants.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = tables.variants_table(path).splitlines()
+    assert lines[2] == "| `train.lr=3e-3` | 75.5 | 33.5 / 35.5 (+2) | 0.072 / 0.068 (-0.004) |"
+    assert len([line for line in lines if line.startswith("| `")]) == 1 and "results_file" not in "\n".join(
+        lines
+    )

@@ -66,6 +66,12 @@ def run_table(path: Path, command: str | None = None) -> str:
     for r in run:
         cells = [f"{r['scores'][metric]:.2f}"] + [f"{r['scores'].get(k, float('nan')):.3f}" for k in extra]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    baseline = next((r["model"] for r in run if "SFT only" in r["model"]), None)
+    for r in run:
+        if baseline and r.get("lead_vs_baseline"):  # the sentence `kdray run` printed under its table
+            from kdray.workflow.evaluate import lead_sentence
+
+            lines += ["", lead_sentence(r["model"], baseline, r["lead_vs_baseline"])]
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in last["steps_s"].items())
     lines += [
         "",
@@ -113,6 +119,31 @@ def seeds_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldout_
 
 
 BASELINE = "student (SFT only)"
+
+
+def variants_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldout_ce")) -> str:
+    """One line per run of the quickstart with overrides (the same teacher, one setting changed): the
+    SFT-only and the distilled student side by side, and the distilled one's lead. What moves the
+    quickstart's comparison, and by how much, next to the run as committed."""
+    runs = _runs(read_rows(path))
+    cols = " | ".join(f"{m}: SFT only / distilled (lead)" for m in metrics)
+    lines = [f"| overrides | teacher {metrics[0]} | {cols} |", "|---|---:|" + "---:|" * len(metrics)]
+    for run in runs:
+        by_model = {r["model"]: r["scores"] for r in run}
+        student = next((m for m in by_model if m.startswith("student") and m != BASELINE), None)
+        if student is None or BASELINE not in by_model:
+            continue
+        words = run[0]["command"].split()[4:]  # after "kdray run --config <file>"
+        shown = " ".join(f"`{w}`" for w in words if not w.startswith("workflow.results_file=")) or "(none)"
+        cells = []
+        for m in metrics:
+            base, own = by_model[BASELINE][m], by_model[student][m]
+            cells.append(f"{base:.3g} / {own:.3g} ({own - base:+.3g})")
+        teacher = by_model.get("teacher", {}).get(metrics[0], float("nan"))
+        lines.append(f"| {shown} | {teacher:.3g} | " + " | ".join(cells) + " |")
+    commits = ", ".join(sorted({run[0]["commit"] for run in runs}))
+    lines += ["", f"From `{path.relative_to(ROOT)}`: one run each, data seed 0; commit {commits}."]
+    return "\n".join(lines)
 
 
 def _score(latest: dict[Any, list[dict[str, Any]]], seed: Any, model: str, metric: str) -> float | None:
@@ -165,6 +196,7 @@ TABLES: dict[str, Callable[[], str]] = {
         ROOT / "benchmarks" / "quickstart.jsonl", "kdray run --config workflows/configs/quickstart.yaml"
     ),
     "quickstart_seeds": lambda: seeds_table(ROOT / "benchmarks" / "quickstart.jsonl"),
+    "quickstart_variants": lambda: variants_table(ROOT / "benchmarks" / "quickstart_variants.jsonl"),
     "pad": lambda: _workflow("pad").report(ROOT / "benchmarks" / "pad.jsonl"),
     "faults": lambda: _workflow("faults").report(ROOT / "benchmarks" / "faults.jsonl"),
     "cross_tokenizer": lambda: _workflow("cross_tokenizer").report_table(
