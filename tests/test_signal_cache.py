@@ -61,3 +61,26 @@ def test_rows_are_stored_in_scoring_order_without_padding(ray_session, tmp_path)
             assert len(got["input_ids"]) == n, "padding is not stored"
             np.testing.assert_array_equal(got["topk_ids"], want["topk_ids"][:n])
             np.testing.assert_allclose(got["topk_logprobs"], want["topk_logprobs"][:n], atol=1e-3)
+
+
+def test_the_stored_signal_is_k_ids_and_k_log_probs_per_real_token(ray_session, tmp_path):
+    """4k bytes per real token (uint16 ids, float16 log-probs): 256 at k = 64. The realized token's
+    log-prob, which no cached loss reads, is not stored."""
+    ray = ray_session
+    k = 64
+    rows = _scored_rows(12, width=10, k=k)
+    cache = SignalCache(tmp_path / "cache")
+    assert cache.write(ray.data.from_items(rows, override_num_blocks=3), "k64", vocab_size=49152) == 12
+    stored = ray.data.read_parquet([str(f) for f in cache.files("k64")]).take_all()  # as on disk
+    assert all("token_logprobs" not in r for r in stored)
+    tokens = sum(len(r["input_ids"]) for r in stored)
+    assert tokens == sum(int(r["attention_mask"].sum()) for r in rows)  # real tokens only
+    signal = sum(np.asarray(r[c]).nbytes for r in stored for c in ("topk_ids", "topk_logprobs"))
+    assert signal / tokens == 4 * k == 256
+    assert {np.asarray(stored[0][c]).dtype.name for c in ("topk_ids", "topk_logprobs")} == {
+        "uint16",
+        "float16",
+    }
+    # read back for training: the wire dtypes, the same values
+    back = cache.read("k64").take_all()
+    assert back[0]["topk_ids"].dtype == np.int32 and back[0]["topk_logprobs"].dtype == np.float32

@@ -22,7 +22,13 @@ from typing import Any
 
 import numpy as np
 
-SIGNAL_COLUMNS = ("topk_ids", "topk_logprobs", "token_logprobs")
+#: the teacher signal as stored: k ids and k log-probs per real token, 4k bytes in compact form
+#: (uint16 ids with a vocabulary of at most 65536, float16 log-probs): 256 at k = 64
+SIGNAL_COLUMNS = ("topk_ids", "topk_logprobs")
+#: what a teacher pass returns but no loss reads from the cache, so it is not stored: the log-prob of the
+#: realized token is read only by MiniLLM's reward, on the student's own samples, which the teacher pool
+#: scores live. Its 2 bytes per token were what kept the stored signal above 4k.
+NOT_CACHED = ("token_logprobs",)
 
 
 def fingerprint(items: Iterable[Any]) -> str:
@@ -186,7 +192,8 @@ def _compact_batch(batch: Mapping[str, Any], vocab_size: int) -> Any:
 
     from kdray.teacher.signal_store import compact
 
-    out = _per_column(batch, lambda cols: compact(cols, vocab_size))
+    kept = {key: value for key, value in batch.items() if key not in NOT_CACHED}
+    out = _per_column(kept, lambda cols: compact(cols, vocab_size))
     out = _trimmed(out)
     columns = {}
     for key, value in out.items():
