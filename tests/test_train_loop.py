@@ -83,7 +83,7 @@ def _rows(nan_from: int | None = None) -> list[dict[str, np.ndarray]]:
     return rows
 
 
-def _spec(metrics: Path, resume_from: str | None = None, **train) -> LoopSpec:
+def _spec(metrics: Path, run_dir: Path | None = None, **train) -> LoopSpec:
     """The worker spec `distill` would build for this config (`trainer.loop_spec`)."""
     from kdray.config import config_from_dict
     from kdray.train.trainer import loop_spec
@@ -95,7 +95,7 @@ def _spec(metrics: Path, resume_from: str | None = None, **train) -> LoopSpec:
         "tracking": {"log_every": 1},
     })  # fmt: skip
     spec = loop_spec(cfg, teacher_path=None, metrics_path=metrics, export_path=None)
-    spec.resume_from = resume_from
+    spec.run_dir = str(run_dir) if run_dir else None
     return spec
 
 
@@ -135,7 +135,8 @@ def test_a_damaged_run_snapshot_resumes_from_the_latest_intact_checkpoint(tmp_pa
     resume_from = recover_damaged_snapshot(run_dir)
     assert resume_from == run_dir / "checkpoint_004"
     assert not (run_dir / SNAPSHOT).exists() and len(list(run_dir.glob(f"{SNAPSHOT}.damaged-*"))) == 1
-    spec = _spec(tmp_path / "resumed.jsonl", max_steps=6, checkpoint_every=2, resume_from=str(resume_from))
+    # Ray, its snapshot moved aside, hands the worker no checkpoint: the loop finds that one in the run dir
+    spec = _spec(tmp_path / "resumed.jsonl", max_steps=6, checkpoint_every=2, run_dir=run_dir)
     TrainingLoop(spec, Session(Rows(rows))).run()
     resumed, full = read_history(tmp_path / "resumed.jsonl"), read_history(tmp_path / "full.jsonl")
     assert [h["step"] for h in resumed] == [5, 6] and resumed[-1]["consumed_rows"] == 6

@@ -72,12 +72,11 @@ class LoopSpec:
     export_path: str | None
     teacher_handles: list[Any] = field(default_factory=list)
     teacher_progress: Any = None
-    resume_from: str | None = None
-    """A checkpoint directory to restore when Ray Train has none (its snapshot was damaged:
-    `kdray.train.resume`)."""
     run_dir: str | None = None
-    """Where Ray Train stores this run's checkpoints: a worker restarted before Ray's controller had
-    registered the newest one (it is on disk, the controller hands out none) resumes from it."""
+    """Where Ray Train stores this run's checkpoints. When Ray hands a worker none, the loop resumes from
+    the newest intact one there: Ray registers a reported checkpoint asynchronously (a worker killed a
+    moment after reporting is restarted with none), and a snapshot a full disk damaged is moved aside
+    by the driver (`kdray.train.resume`), leaving Ray nothing to hand out."""
     tracking: dict[str, Any] | None = None
     """MLflow run to log per-step metrics into from rank 0: {tracking_uri, experiment, run_id, spool_dir}."""
     progress_desc: str | None = None
@@ -130,22 +129,17 @@ def _build(spec: LoopSpec, device: torch.device) -> tuple[Student, Any, Any, Any
 
 
 def _restore(
-    student: Student, optimizer: Any, scheduler: Any, state: _State, session: Any, spec: LoopSpec
+    student: Student, optimizer: Any, scheduler: Any, state: _State, session: Any, run_dir: str | None
 ) -> None:
-    """From the runner's latest checkpoint, else from `spec.resume_from` (a directory), else from the
-    newest intact checkpoint in `spec.run_dir` (Ray registers a reported checkpoint asynchronously: a
-    worker killed within a moment of reporting one is restarted with none, though it is on disk), else
-    nothing."""
+    """From the runner's latest checkpoint, else from the newest intact one in `run_dir`, else nothing."""
     from kdray.train.resume import latest_intact_checkpoint
 
-    checkpoint, on_disk = session.checkpoint(), None
-    if checkpoint is None:
-        on_disk = spec.resume_from or (spec.run_dir and latest_intact_checkpoint(spec.run_dir))
+    checkpoint = session.checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             saved = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
-    elif on_disk:
-        saved = torch.load(Path(on_disk) / "state.pt", map_location="cpu", weights_only=True)
+    elif run_dir and (latest := latest_intact_checkpoint(run_dir)):
+        saved = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
     else:
         return
     student.load_state_dict(saved["student"])
@@ -285,7 +279,7 @@ class TrainingLoop:
         self.device = session.device(spec.use_gpu)
         self.student, self.tokenizer, self.optimizer, self.scheduler = _build(spec, self.device)
         self.state = _State(spec)
-        _restore(self.student, self.optimizer, self.scheduler, self.state, session, spec)
+        _restore(self.student, self.optimizer, self.scheduler, self.state, session, spec.run_dir)
         self.student = session.prepare(self.student)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

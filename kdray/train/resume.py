@@ -8,7 +8,7 @@ all (the next run silently starts over from step 1), although the checkpoint dir
 intact (`workflows/faults.py`, fault `disk_full`). A kdray checkpoint is one `state.pt` holding model,
 optimizer, RNG and the data position, so the latest one that loads is a correct place to resume: a
 damaged snapshot is moved aside (Ray starts a fresh one) and the training loop restores that directory
-itself (`LoopSpec.resume_from`).
+itself (`LoopSpec.run_dir`).
 """
 
 from __future__ import annotations

@@ -273,8 +273,7 @@ def distill(
     spec.teacher_progress = progress
     from kdray.train.resume import recover_damaged_snapshot
 
-    resume_from = recover_damaged_snapshot(workdir / "ray_train" / name)
-    spec.resume_from = str(resume_from) if resume_from else None
+    recover_damaged_snapshot(workdir / "ray_train" / name)  # the workers resume from what it leaves
     spec.run_dir = str(workdir / "ray_train" / name)
     spec.tracking = dict(tracking) if tracking else None
     spec.progress_desc = progress_desc
@@ -379,9 +378,9 @@ def training_rows(
 
 def kept_for_epochs(cfg: Any, train_ds: Any, rows: int, *, live: bool) -> Any:
     """The training dataset, materialized in the object store when the run reads it more than once (fewer
-    rows than steps x global batch) and no live teacher scores it: Ray Data otherwise re-reads and
-    re-tokenizes every row each epoch (and re-reads the signal cache). A live teacher's stream is left streaming (materializing it would hold every row's signal
-    in memory at once); the eval split is small and read at every evaluation, so it is always kept."""
+    rows than steps x global batch): Ray Data would otherwise re-read and re-tokenize every row, or
+    re-read the signal cache, each epoch. A dataset a live teacher scores stays a stream: materialized,
+    it would hold every row's signal in memory at once."""
     return train_ds.materialize() if rows < rows_per_run(cfg) and not live else train_ds
 
 
