@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kdray.eval.metrics import bootstrap_ci
 from tests.servers import load_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +27,6 @@ def test_second_stage_reads_on_where_the_first_stopped():
     assert [r["i"] for r in bq.rotate(rows, 4)] == [4, 5, 6, 7, 8, 9, 0, 1, 2, 3]
     assert [r["i"] for r in bq.rotate(rows, 14)] == [r["i"] for r in bq.rotate(rows, 4)]  # epochs wrap
     assert bq.rotate([], 3) == []
-
-
-def test_bootstrap_interval_brackets_the_mean_and_widens_with_spread():
-    assert bq.bootstrap_ci([5.0, 5.0, 5.0]) == (5.0, 5.0)
-    narrow, wide = bq.bootstrap_ci([9.0, 10.0, 11.0]), bq.bootstrap_ci([0.0, 10.0, 20.0])
-    assert narrow[0] <= 10.0 <= narrow[1] and wide[0] <= 10.0 <= wide[1]
-    assert wide[1] - wide[0] > narrow[1] - narrow[0]
-    assert wide[0] >= 0.0 and wide[1] <= 20.0  # a mean of resampled seeds stays inside their range
-    assert bq.bootstrap_ci([0.0, 10.0, 20.0]) == wide  # seeded: the README table does not move
 
 
 def _row(method, start, seed, score, shape, minutes=1.0):
@@ -61,7 +53,7 @@ def test_report_pairs_each_method_with_sft_of_the_same_seed_and_start(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-2] + rows[-1:]))
     lines = {line.split(" | ")[0] + " " + line.split(" | ")[1]: line for line in bq.report(path, "arithmetic").splitlines() if line.startswith("| ")}  # fmt: skip
     kd = lines["| supervised KD (forward KL) scratch"]
-    lo, hi = bq.bootstrap_ci([13.0, 25.0])
+    lo, hi = bootstrap_ci([13.0, 25.0])
     assert f"19.0 ± {statistics.stdev([13.0, 25.0]):.1f} [{lo:.1f}, {hi:.1f}]" in kd
     assert "+4.0 ± 1.4" in kd  # leads 3 and 5, paired by seed
     assert f"| {19.0 / 80.0:.2f} |" in kd  # recovery against the teacher

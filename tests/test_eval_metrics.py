@@ -97,10 +97,12 @@ def test_paired_lead_counts_only_the_prompts_where_the_two_models_differ():
         M.paired_lead([True, False, True], [True, False])
 
 
-def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
-    values = [0.0, 10.0, 20.0, 5.0, 15.0]
-    lo, hi = M.bootstrap_ci(values)
-    assert lo < 10.0 < hi and (lo, hi) == M.bootstrap_ci(values)
-    assert M.bootstrap_ci([3.0, 3.0]) == (3.0, 3.0)
+def test_bootstrap_interval_brackets_the_mean_and_widens_with_spread():
+    assert M.bootstrap_ci([5.0, 5.0, 5.0]) == (5.0, 5.0)
+    narrow, wide = M.bootstrap_ci([9.0, 10.0, 11.0]), M.bootstrap_ci([0.0, 10.0, 20.0])
+    assert narrow[0] <= 10.0 <= narrow[1] and wide[0] <= 10.0 <= wide[1]
+    assert wide[1] - wide[0] > narrow[1] - narrow[0]
+    assert wide[0] >= 0.0 and wide[1] <= 20.0  # a mean of resampled seeds stays inside their range
+    assert M.bootstrap_ci([0.0, 10.0, 20.0]) == wide  # seeded: the README table does not move
     with pytest.raises(ValueError, match="no values"):
         M.bootstrap_ci([])

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from kdray.results import latest_run, read_rows
+from kdray.workflow.evaluate import BASELINE_LABEL as BASELINE
+from kdray.workflow.evaluate import lead_sentence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,12 +68,10 @@ def run_table(path: Path, command: str | None = None) -> str:
     for r in run:
         cells = [f"{r['scores'][metric]:.2f}"] + [f"{r['scores'].get(k, float('nan')):.3f}" for k in extra]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
-    baseline = next((r["model"] for r in run if "SFT only" in r["model"]), None)
-    for r in run:
-        if baseline and r.get("lead_vs_baseline"):  # the sentence `kdray run` printed under its table
-            from kdray.workflow.evaluate import lead_sentence
-
-            lines += ["", lead_sentence(r["model"], baseline, r["lead_vs_baseline"])]
+    # the sentence `kdray run` printed under its table: the distilled student's lead over SFT-only
+    leads = [r for r in run if r.get("lead_vs_baseline")] if any(r["model"] == BASELINE for r in run) else []
+    for r in leads:
+        lines += ["", lead_sentence(r["model"], BASELINE, r["lead_vs_baseline"])]
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in last["steps_s"].items())
     lines += [
         "",
@@ -116,9 +116,6 @@ def seeds_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldout_
     commits = ", ".join(sorted({latest[s][0]["commit"] for s in seeds}))
     lines += ["", f"From `{path.relative_to(ROOT)}`: the latest run of each data seed; commit {commits}."]
     return "\n".join(lines)
-
-
-BASELINE = "student (SFT only)"
 
 
 def variants_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldout_ce")) -> str:

@@ -11,6 +11,9 @@ from typing import Any
 
 from kdray.workflow.base import StepContext, StepResult, read_jsonl, write_jsonl
 
+#: the SFT-only student's row in the evaluation table (and in the results files the README reads)
+BASELINE_LABEL = "student (SFT only)"
+
 
 def evaluate_step(
     ctx: StepContext,
@@ -31,7 +34,7 @@ def evaluate_step(
     new_tokens = cfg.workflow.eval_max_new_tokens or cfg.data.max_response_tokens
     models = {"teacher": ("teacher", teacher.outputs["path"])} if teacher.outputs.get("path") else {}
     if baseline is not None:
-        models["baseline"] = ("student (SFT only)", baseline.outputs["student"])
+        models["baseline"] = (BASELINE_LABEL, baseline.outputs["student"])
     models["student"] = (f"student ({cfg.objective.method})", student.outputs["student"])
     metric = TASK_METRIC[cfg.data.task]
     scores: dict[str, dict[str, float]] = {}
