@@ -3,15 +3,16 @@
 MLflow's client does the sending (`log_batch`, `log_artifact(s)`, `set_terminated`). What it lacks is
 durability: its asynchronous logging (`synchronous=False`) holds queued batches in memory, sends them from
 a thread pool in no fixed order and drops a batch whose request failed (mlflow.utils.async_logging), so a
-server down for a minute, or a crash, would lose metrics. kdray adds a write-ahead log: each call is
-appended to a JSONL spool on local disk and returns at once; a daemon thread sends the spool in order,
-retrying while the server is down, and a process given the same `spool_dir` resends what a dead one left.
-Only `MlflowClient` is used, never the fluent run state: one process holds several trackers (a workflow's
+long outage, or a crash, loses metrics. kdray adds only a write-ahead log: each call is appended to a
+JSONL spool on local disk and returns at once; a daemon thread sends the spool in order, retrying while
+the server is down, and a tracker given the same `spool_dir` resends what a dead process left. Only
+`MlflowClient` is used, never the fluent run state: one process holds several trackers (a workflow's
 parent run and one nested run per step; a Ray Train rank 0 attached to the driver's run).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -21,13 +22,12 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from kdray.runs import experiment_id, flatten, git_commit, is_permanent, mlflow_key
-from kdray.spool import Records, Spool
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ _LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
 # MLflow reads these per request, process-wide: without them one request to a dead server retries for
 # ~4 minutes, while the sender retries by itself. The timeout only bounds a hung server.
 _FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+Records = list[tuple[int, dict[str, Any]]]  # spool lines as (byte offset after the line, record)
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -50,11 +51,15 @@ class Tracker:
     """The MLflow run of rank 0: created (nested under `parent_run_id`) or attached by `run_id` (a Ray
     Train worker logging into the driver's run: nothing is sent at construction, so it works with the
     server down). Any other rank, or `enabled=False`, gives a tracker whose calls do nothing, so callers
-    never branch on the rank. `log_*` append to the spool (`spool_dir`, default
-    `~/.cache/kdray/mlflow-spool/<run_id>`) and return; `close()` waits up to `timeout_s` and, if the
-    server is still down, leaves the spool for `Tracker(uri, experiment, run_id=..., spool_dir=...)` to
-    resend. Creating a run is the one blocking call: it retries for `create_timeout_s`, then raises
-    `TrackingUnavailableError`."""
+    never branch on the rank. `log_*` append to the spool and return; `close()` waits up to `timeout_s`
+    and, if the server is still down, leaves the spool for `Tracker(uri, experiment, run_id=...,
+    spool_dir=...)` to resend. Creating a run is the one blocking call: it retries for
+    `create_timeout_s`, then raises `TrackingUnavailableError`.
+
+    The spool (`spool_dir`, default `~/.cache/kdray/mlflow-spool/<run_id>`) is `spool.jsonl`, the byte up
+    to which the server has it in `spool.offset` (replaced atomically), the run it belongs to in
+    `spool.run`, artifacts as copies under `files/`, and `spool.lock`, which keeps two live trackers off
+    one spool."""
 
     def __init__(
         self,
@@ -70,11 +75,9 @@ class Tracker:
         spool_dir: str | Path | None = None,
         flush_interval_s: float = 1.0,
         create_timeout_s: float = 120.0,
-        experiment_id: str | None = None,
     ) -> None:
         self.tracking_uri, self.experiment, self.enabled = tracking_uri, experiment, enabled and rank == 0
-        self._run_id, self._experiment_id, self._spool, self._closed = run_id, experiment_id, None, False
-        self._flush_interval_s, self._create_timeout_s = flush_interval_s, create_timeout_s
+        self._run_id, self._experiment_id, self._dir, self._closed = run_id, None, None, False
         if not self.enabled:
             return
         from mlflow import MlflowClient
@@ -84,18 +87,26 @@ class Tracker:
                 os.environ.setdefault(key, value)  # an explicit user setting wins
         elif tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self._client = MlflowClient(tracking_uri)
-        if spool_dir is not None:
-            Spool.check_free(Path(spool_dir), run_id)  # before a run is created that could not use it
+        self._client, self._mutex, self._flush_interval_s = (
+            MlflowClient(tracking_uri),
+            threading.Lock(),
+            flush_interval_s,
+        )
+        if spool_dir is not None and (other := _unsent_run(Path(spool_dir))) not in (None, run_id):
+            # checked before a run is created that could not use the spool: those calls belong elsewhere
+            raise ValueError(
+                f"spool dir {spool_dir} holds unsent calls of run {other}; resend them with Tracker(uri, "
+                f"experiment, run_id={other!r}, spool_dir={str(spool_dir)!r}).close() or use another dir"
+            )
         if run_id is None:
-            self._run_id = self._create_run(run_name, parent_run_id, tags or {})
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdray" / "mlflow-spool"
-        self._spool = Spool.open(Path(spool_dir) if spool_dir else None, root, self._run_id)
+            self._run_id = self._create_run(run_name, parent_run_id, tags or {}, create_timeout_s)
+        self._open_spool(Path(spool_dir) if spool_dir else None)
         if run_id is not None and tags:
             self.set_tags(tags)
-        self._wake, self._stop, self._sent = threading.Event(), threading.Event(), threading.Condition()
-        self._thread = threading.Thread(target=self._send_loop, name=f"kdray-mlflow-{self._run_id[:8]}")
-        self._thread.daemon = True
+        self._wake, self._stop, self._sent_cv = threading.Event(), threading.Event(), threading.Condition()
+        self._thread = threading.Thread(
+            target=self._send_loop, name=f"kdray-mlflow-{self._run_id[:8]}", daemon=True
+        )
         self._thread.start()
 
     @property
@@ -105,38 +116,15 @@ class Tracker:
 
     @property
     def experiment_id(self) -> str | None:
-        """The run's experiment; None on non-zero ranks, or for an attached run while the server is down."""
-        if self._experiment_id is None and self.enabled and self._run_id is not None:
-            try:
-                self._experiment_id = self._client.get_run(self._run_id).info.experiment_id
-            except Exception as err:
-                logger.warning("could not look up the experiment of run %s: %s", self._run_id, err)
+        """The run's experiment (asked of the server once); None on non-zero ranks."""
+        if self._experiment_id is None and self.enabled:
+            self._experiment_id = self._client.get_run(self._run_id).info.experiment_id
         return self._experiment_id
-
-    @property
-    def spool_dir(self) -> Path | None:
-        """Where unsent calls wait; pass it back with `run_id` to resend them after a crash."""
-        return self._spool.dir if self._spool else None
 
     @property
     def active(self) -> bool:
         """Whether calls reach MLflow: rank 0, enabled, not closed yet."""
-        return self._spool is not None and not self._closed
-
-    def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Tracker:
-        """A nested run (one per workflow step) in the same experiment, with its own spool and sender."""
-        return Tracker(
-            self.tracking_uri,
-            self.experiment,
-            run_name=run_name,
-            parent_run_id=self.run_id,
-            tags=tags,
-            enabled=self.enabled,
-            spool_dir=self._spool.dir / "children" / uuid.uuid4().hex[:12] if self._spool else None,
-            flush_interval_s=self._flush_interval_s,
-            create_timeout_s=self._create_timeout_s,
-            experiment_id=self.experiment_id,
-        )
+        return self._dir is not None and not self._closed
 
     # ---- logging: append to the spool, never touch the server ---------------------------------------
 
@@ -160,17 +148,8 @@ class Tracker:
             logger.warning("artifact %s not logged: no such file or directory", path)
             return
         copy = shutil.copytree if path.is_dir() else shutil.copy2
-        self._log_file(
-            f"{artifact_path}/{path.name}" if artifact_path else path.name, lambda to: copy(path, to)
-        )
-
-    def log_dict(self, obj: Any, artifact_file: str) -> None:
-        """JSON, or YAML when `artifact_file` ends in .yaml/.yml."""
-        import yaml
-
-        yml = artifact_file.endswith((".yaml", ".yml"))
-        text = yaml.safe_dump(obj, sort_keys=False) if yml else json.dumps(obj, indent=2, default=str)
-        self.log_text(text, artifact_file)
+        name = f"{artifact_path}/{path.name}" if artifact_path else path.name
+        self._log_file(name, lambda to: copy(path, to))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._log_file(artifact_file, lambda target: target.write_text(text, encoding="utf-8"))
@@ -181,14 +160,14 @@ class Tracker:
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything logged so far reached the server; False on timeout (nothing is lost)."""
-        if self._spool is None:
+        if self._dir is None:
             return True
-        target = self._spool.written
+        target = self._written
         if self._stop.is_set():  # closed: no sender left to wait for
-            return self._spool.sent >= target
+            return self._sent >= target
         self._wake.set()
-        with self._sent:
-            return self._sent.wait_for(lambda: self._spool.sent >= target, timeout=timeout_s)
+        with self._sent_cv:
+            return self._sent_cv.wait_for(lambda: self._sent >= target, timeout=timeout_s)
 
     def close(self, status: str | None = "FINISHED", timeout_s: float = 60.0) -> None:
         """Send the spool and mark the run `status`; a server still down leaves the spool for a replay.
@@ -196,21 +175,28 @@ class Tracker:
         if not self.active:
             return
         if status is not None:
-            self._spool.append_line(_line({"op": "terminate", "status": status, "end_time": _now_ms()}))
+            self._append_line(_line({"op": "terminate", "status": status, "end_time": _now_ms()}))
         self._closed = True
         sent = self.flush(timeout_s)
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=5.0)  # a daemon: one stuck in a request must not hold up the caller
         done = sent and not self._thread.is_alive()  # read once: the sender may end between two reads
-        self._spool.release(remove=done)
-        if not done:
-            where = f"Tracker({self.tracking_uri!r}, {self.experiment!r}, run_id={self.run_id!r}, spool_dir={str(self._spool.dir)!r})"
-            logger.warning(
-                "MLflow at %s did not take all of run %s within %.0fs; the unsent calls are kept in %s. "
-                "Resend them with %s.close() once the server is up (`kdray doctor` checks it).",
-                *(self.tracking_uri, self.run_id, timeout_s, self._spool.dir, where),
-            )
+        self._file.close()
+        os.close(self._lock)
+        if done:  # everything sent: the spool goes
+            for name in ("spool.jsonl", "spool.offset", "spool.run", "spool.lock"):
+                (self._dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self._dir / "files", ignore_errors=True)
+            with suppress(OSError):
+                self._dir.rmdir()
+            return
+        where = f"Tracker({self.tracking_uri!r}, {self.experiment!r}, run_id={self.run_id!r}, spool_dir={str(self._dir)!r})"
+        logger.warning(
+            "MLflow at %s did not take all of run %s within %.0fs; the unsent calls are kept in %s. "
+            "Resend them with %s.close() once the server is up (`kdray doctor` checks it).",
+            *(self.tracking_uri, self.run_id, timeout_s, self._dir, where),
+        )
 
     def __enter__(self) -> Tracker:
         return self
@@ -219,19 +205,57 @@ class Tracker:
         interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
         self.close("FINISHED" if exc_type is None else "KILLED" if interrupted else "FAILED")
 
-    # ---- internals ----------------------------------------------------------------------------------
+    # ---- the spool ----------------------------------------------------------------------------------
+
+    def _open_spool(self, explicit: Path | None) -> None:
+        """`explicit`, else `<cache>/<run_id>` (resumed if a dead process left it), else a fresh sibling."""
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdray" / "mlflow-spool"
+        fresh = root / f"{self._run_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        for directory in [explicit] if explicit else [root / self._run_id, fresh]:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._lock = os.open(directory / "spool.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                os.close(self._lock)
+        else:
+            raise ValueError(
+                f"spool dir {explicit} is in use by another live Tracker; give each tracker its own"
+            )
+        self._dir, self._log = directory, directory / "spool.jsonl"
+        (directory / "spool.run").write_text(self._run_id)
+        self._file = open(self._log, "ab")  # noqa: SIM115 - open for the tracker's lifetime
+        self._written, self._sent = self._file.tell(), _sent_offset(directory)
+        if self._sent >= self._written:  # all sent by an earlier tracker, or empty: start afresh
+            self._file.truncate(0)
+            self._written = 0
+            self._advance(0)
+        elif self._log.read_bytes()[-1:] != b"\n":  # a crash mid-line: end it; `_read` drops it
+            self._append_line(b"\n")
+
+    def _append_line(self, line: bytes) -> None:
+        """The line reaches the OS at once: a crash of this process loses nothing logged."""
+        with self._mutex:
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except (OSError, ValueError) as err:
+                logger.warning("tracking call lost: could not write the spool %s: %s", self._log, err)
+                return
+            self._written += len(line)
 
     def _append(self, op: str, items: dict[str, Any], **extra: Any) -> None:
         """One spool line per `log_batch`-sized chunk of `items`."""
         pairs = list(items.items())
         for i in range(0, len(pairs), _LIMITS[op]) if self.active else ():
-            self._spool.append_line(_line({"op": op, op: dict(pairs[i : i + _LIMITS[op]]), **extra}))
+            self._append_line(_line({"op": op, op: dict(pairs[i : i + _LIMITS[op]]), **extra}))
 
     def _log_file(self, artifact_file: str, write: Callable[[Path], Any]) -> None:
         """Write the artifact into its own spool folder now, and queue its upload."""
         if not self.active:
             return
-        target = self._spool.dir / "files" / uuid.uuid4().hex / Path(artifact_file).name
+        target = self._dir / "files" / uuid.uuid4().hex / Path(artifact_file).name
         try:
             target.parent.mkdir(parents=True)
             write(target)
@@ -239,24 +263,48 @@ class Tracker:
             logger.warning("artifact %s not logged: writing it to the spool failed: %s", artifact_file, err)
             return
         folder = Path(artifact_file).parent.as_posix()
-        record = {"op": "artifact", "file": target.relative_to(self._spool.dir).as_posix()}
-        self._spool.append_line(_line({**record, "artifact_path": None if folder == "." else folder}))
+        record = {"op": "artifact", "file": target.relative_to(self._dir).as_posix()}
+        self._append_line(_line({**record, "artifact_path": None if folder == "." else folder}))
 
-    def _create_run(self, run_name: str | None, parent: str | None, tags: Mapping[str, Any]) -> str:
+    def _read(self, limit: int = 5000) -> Records:
+        """Complete unsent lines; one that does not parse comes back as op `unreadable` (dropped, logged)."""
+        out, offset = [], self._sent
+        with open(self._log, "rb") as f:
+            f.seek(offset)
+            for raw in f:
+                if not raw.endswith(b"\n") or len(out) >= limit:
+                    break
+                offset += len(raw)
+                try:
+                    out.append((offset, json.loads(raw)))
+                except ValueError:
+                    out.append((offset, {"op": "unreadable", "line": raw[:200].decode(errors="replace")}))
+        return out
+
+    def _advance(self, offset: int) -> None:
+        (self._dir / "spool.offset.tmp").write_text(str(offset))
+        os.replace(self._dir / "spool.offset.tmp", self._dir / "spool.offset")
+        self._sent = offset
+
+    # ---- sending ------------------------------------------------------------------------------------
+
+    def _create_run(
+        self, run_name: str | None, parent: str | None, tags: Mapping[str, Any], timeout_s: float
+    ) -> str:
         from kdray import __version__
 
         # host and pid: a later workflow run can tell that this one's process died (kdray.runs)
-        host = {
+        all_tags = {
             "kdray.version": __version__,
             "kdray.host": socket.gethostname(),
             "kdray.pid": str(os.getpid()),
         }
-        all_tags = {**host, **{str(k): str(v) for k, v in tags.items()}}
+        all_tags |= {str(k): str(v) for k, v in tags.items()}
         if commit := git_commit():
             all_tags["mlflow.source.git.commit"] = commit
         if parent:
             all_tags["mlflow.parentRunId"] = parent  # how the MLflow UI nests runs
-        deadline, delay = time.monotonic() + self._create_timeout_s, 0.5
+        deadline, delay = time.monotonic() + timeout_s, 0.5
         while True:
             try:
                 if self._experiment_id is None:
@@ -269,7 +317,7 @@ class Tracker:
                     raise
                 if time.monotonic() + delay > deadline:
                     raise TrackingUnavailableError(
-                        f"MLflow at {self.tracking_uri} did not answer within {self._create_timeout_s:.0f}s "
+                        f"MLflow at {self.tracking_uri} did not answer within {timeout_s:.0f}s "
                         f"({type(err).__name__}: {str(err)[:300]}). Start the server or fix "
                         "tracking.tracking_uri / $MLFLOW_TRACKING_URI (`kdray doctor` checks it), or run "
                         "without tracking with `tracking.enabled: false`."
@@ -288,12 +336,12 @@ class Tracker:
             elif self._wake.wait(self._flush_interval_s):
                 self._wake.clear()
             try:
-                while not self._stop.is_set() and (records := self._spool.read(self._spool.sent)):
+                while not self._stop.is_set() and (records := self._read()):
                     for unit in _requests(records):
                         self._deliver(unit)
             except Exception as err:  # transient: the server is down or overloaded
                 if not delay:
-                    where = (self.tracking_uri, str(err)[:200], self._spool.dir)
+                    where = (self.tracking_uri, str(err)[:200], self._dir)
                     logger.warning("MLflow at %s unreachable (%s); buffering in %s and retrying", *where)
                 delay = min(MAX_BACKOFF_S, max(0.25, 2 * delay))
                 continue
@@ -315,18 +363,18 @@ class Tracker:
             logger.warning(
                 "MLflow rejected a %s record of run %s; dropped: %s", unit[0][1].get("op"), self.run_id, err
             )
-        self._spool.advance(unit[-1][0])
+        self._advance(unit[-1][0])
         if unit[0][1].get("op") == "artifact":
-            shutil.rmtree((self._spool.dir / unit[0][1]["file"]).parent, ignore_errors=True)
-        with self._sent:
-            self._sent.notify_all()
+            shutil.rmtree((self._dir / unit[0][1]["file"]).parent, ignore_errors=True)
+        with self._sent_cv:
+            self._sent_cv.notify_all()
 
     def _send(self, unit: Records) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         first = unit[0][1]
         if first.get("op") == "artifact":
-            local = self._spool.dir / first["file"]
+            local = self._dir / first["file"]
             if local.is_dir():
                 dest = "/".join(p for p in (first["artifact_path"], local.name) if p)
                 return self._client.log_artifacts(self.run_id, str(local), dest)
@@ -335,36 +383,40 @@ class Tracker:
             return self._client.set_terminated(self.run_id, first["status"], first["end_time"])
         if first.get("op") not in _LIMITS:
             raise ValueError(f"unreadable spool record {first!r}")
-        metrics, params, tags = [], {}, {}
-        for _, record in unit:
-            metrics += [
-                Metric(k, v, record["ts"], record["step"]) for k, v in record.get("metrics", {}).items()
-            ]
-            for key, value in record.get("params", {}).items():
-                if params.setdefault(key, value) != value:  # MLflow refuses a batch with a key twice
-                    logger.warning("param %s logged twice with different values; kept %r", key, params[key])
-            tags.update(record.get("tags", {}))
-        params_, tags_ = [Param(k, v) for k, v in params.items()], [RunTag(k, v) for k, v in tags.items()]
-        self._client.log_batch(self.run_id, metrics=metrics, params=params_, tags=tags_, synchronous=True)
+        metrics = [Metric(k, v, r["ts"], r["step"]) for _, r in unit for k, v in r.get("metrics", {}).items()]
+        params = [Param(k, v) for k, v in first.get("params", {}).items()]
+        tags = [RunTag(k, v) for k, v in first.get("tags", {}).items()]
+        self._client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
 
 
 def _requests(records: Records) -> Iterator[Records]:
-    """One request each: an artifact or terminate record alone, consecutive metrics/params/tags batched."""
-    unit, counts = [], Counter()
-    for offset, record in records:
-        sizes = Counter({kind: len(record.get(kind, ())) for kind in _LIMITS})
-        total = counts + sizes
-        batchable = record.get("op") in _LIMITS
-        if unit and (not batchable or any(total[k] > _LIMITS[k] for k in _LIMITS) or total.total() > 1000):
+    """Consecutive metrics lines go out as one `log_batch` (at most 1000 metrics); any other line alone."""
+    unit, count = [], 0
+    for item in records:
+        size = len(item[1]["metrics"]) if item[1].get("op") == "metrics" else None
+        if unit and (size is None or count + size > _LIMITS["metrics"]):
             yield unit
-            unit, counts = [], Counter()
-        if not batchable:
-            yield [(offset, record)]
-            continue
-        unit.append((offset, record))
-        counts += sizes
+            unit, count = [], 0
+        if size is None:
+            yield [item]
+        else:
+            unit, count = [*unit, item], count + size
     if unit:
         yield unit
+
+
+def _unsent_run(directory: Path) -> str | None:
+    """The run whose calls `directory` holds unsent, if any."""
+    run_file, log = directory / "spool.run", directory / "spool.jsonl"
+    unsent = run_file.is_file() and log.is_file() and log.stat().st_size > _sent_offset(directory)
+    return run_file.read_text().strip() if unsent else None
+
+
+def _sent_offset(directory: Path) -> int:
+    try:
+        return int((directory / "spool.offset").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _line(record: dict[str, Any]) -> bytes:
