@@ -91,6 +91,38 @@ def test_gradient_accumulation_equals_one_big_batch():
     )
 
 
+def test_logits_skip_the_prompt_and_change_no_loss_or_gradient():
+    """The LM head runs from the first position any response needs (`predicted_from`); the loss and every
+    gradient equal those of the full-length logits with the full-length masks and signal."""
+    from kdray.train.step import loss_mask, predicted_from
+
+    teacher = tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=1)
+    batch = with_signal(make_batch(3), teacher)
+    batch["response_mask"][0, 3] = False  # the rows' responses start at different positions
+    assert predicted_from(batch) == 2
+    objective = build_objective([Term("xkd", 1.0, {"divergence": "jsd", "beta": 0.3})])
+    grads = []
+    for trimmed in (True, False):
+        torch.manual_seed(0)
+        student = Student(tiny_causal_lm(V, hidden_size=32, num_layers=1, seed=2), RewardHead(32))
+        if trimmed:
+            logits, loss_batch = student_forward(student, batch)
+            assert logits.shape[1] == batch["input_ids"].shape[1] - 3
+            signal = teacher_signal(batch)
+        else:
+            full, mu, log_sigma = student(batch["input_ids"], batch["attention_mask"])
+            logits = full[:, :-1]
+            loss_batch = {"target_ids": batch["input_ids"][:, 1:], "mask": loss_mask(batch)}
+            loss_batch.update(reward_mu=mu[:, :-1], reward_log_sigma=log_sigma[:, :-1])
+            signal = {"teacher_logits": batch["teacher_logits"][:, 1:]}
+        loss, _ = objective(logits, loss_batch, signal, num_tokens=None)
+        loss.backward()
+        grads.append((loss.detach(), [q.grad.clone() for q in student.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -189,7 +189,7 @@ def advance_method_state(method_state: Any, step: int, local_loss: float) -> flo
 def _eval_loss(student: Student, shard: Any, pad_id: int, batch_size: int, device: torch.device) -> float:
     """Held-out token cross-entropy, summed over workers then divided by the global token count."""
     from kdray.losses.signal import token_cross_entropy
-    from kdray.train.step import loss_mask, student_forward
+    from kdray.train.step import student_forward
 
     total, count = 0.0, 0
     student.eval()
@@ -199,8 +199,7 @@ def _eval_loss(student: Student, shard: Any, pad_id: int, batch_size: int, devic
         for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False):
             tensors = to_tensors(regularize_batch(rows, pad_id), device)
             logits, lb = student_forward(student, tensors)
-            ce = token_cross_entropy(logits, lb["target_ids"])
-            mask = loss_mask(tensors)
+            ce, mask = token_cross_entropy(logits, lb["target_ids"]), lb["mask"]
             total += float(ce[mask].sum())
             count += int(mask.sum())
     student.train()

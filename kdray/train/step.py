@@ -82,20 +82,34 @@ def loss_mask(batch: Mapping[str, Tensor]) -> Tensor:
     return mask
 
 
+def predicted_from(batch: Mapping[str, Tensor]) -> int:
+    """The first predicted position (of the L − 1) that some row's response needs: the student's logits
+    are computed from there on, not over the prompt before it. Every loss reads positions inside the
+    response mask only; the cross-tokenizer signal indexes student positions, so it keeps them all."""
+    if STUDENT_COLUMN in batch or "response_mask" not in batch:
+        return 0
+    needed = batch["response_mask"][:, 1:].any(dim=0)
+    return int(needed.nonzero()[0, 0]) if bool(needed.any()) else 0
+
+
 def teacher_signal(batch: Mapping[str, Tensor], vocab_size: int | None = None) -> dict[str, Tensor] | None:
-    """The signal shifted to pair with `logits[:, :-1]`; dense logits sliced to the tokenizer length.
-    The cross-tokenizer signal is per teacher response token: only its student column shifts."""
+    """The signal shifted to pair with `logits[:, :-1]`, from `predicted_from(batch)` on as the student's
+    logits are; dense logits sliced to the tokenizer length. The cross-tokenizer signal is per teacher
+    response token: only its student column shifts."""
     if STUDENT_COLUMN in batch:
         signal = {k: batch[k] for k in CROSS_COLUMNS if k in batch}
         signal[STUDENT_COLUMN] = batch[STUDENT_COLUMN][:, 1:]
         if "temperature" in batch:
             signal["temperature"] = batch["temperature"]
         return signal
+    start = predicted_from(batch)
     if "teacher_logits" in batch:
-        logits = batch["teacher_logits"][:, 1:]
+        logits = batch["teacher_logits"][:, 1 + start :]
         return {"teacher_logits": logits[..., :vocab_size] if vocab_size else logits}
     if "topk_ids" in batch:
-        signal = {k: batch[k][:, 1:] for k in ("topk_ids", "topk_logprobs", "token_logprobs") if k in batch}
+        signal = {
+            k: batch[k][:, 1 + start :] for k in ("topk_ids", "topk_logprobs", "token_logprobs") if k in batch
+        }
         if "temperature" in batch:  # one value per row, not per token: no shift
             signal["temperature"] = batch["temperature"]
         return signal
@@ -105,19 +119,21 @@ def teacher_signal(batch: Mapping[str, Tensor], vocab_size: int | None = None) -
 def student_forward(
     student: Any, batch: Mapping[str, Tensor], vocab_size: int | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Student logits (B, L-1, V) and the loss batch (targets, mask, and the reward head's μ, log σ).
+    """Student logits (B, L-1-s, V) and the loss batch (targets, mask, and the reward head's μ, log σ),
+    from predicted position s = `predicted_from(batch)` on, as `teacher_signal(batch)` is.
 
     `student` is a `kdray.models.Student` (possibly DDP-wrapped): calling it, not its parts, is what
     makes DDP synchronise the LM's and the head's gradients.
     """
-    logits, mu, log_sigma = student(batch["input_ids"], batch.get("attention_mask"))
+    start = predicted_from(batch)
+    logits, mu, log_sigma = student(batch["input_ids"], batch.get("attention_mask"), start)
     logits = logits[:, :-1]
     if vocab_size is not None:
         logits = logits[..., :vocab_size]  # padded heads: only the tokenizer's ids are tokens
-    loss_batch = {"target_ids": batch["input_ids"][:, 1:], "mask": loss_mask(batch)}
-    loss_batch.update({k: batch[k][:, 1:] for k in SAMPLE_KEYS if k in batch})
+    loss_batch = {"target_ids": batch["input_ids"][:, 1 + start :], "mask": loss_mask(batch)[:, start:]}
+    loss_batch.update({k: batch[k][:, 1 + start :] for k in SAMPLE_KEYS if k in batch})
     if PAIR_KEY in batch:
-        loss_batch.update(pair_sign=batch[PAIR_KEY], pair_mask=response_positions(batch))
+        loss_batch.update(pair_sign=batch[PAIR_KEY], pair_mask=response_positions(batch)[:, start:])
     loss_batch.update({k: batch[k] for k in (GROUP_KEY, REWARD_KEY) if k in batch})
     if mu is not None:
         loss_batch.update(reward_mu=mu[:, :-1], reward_log_sigma=log_sigma[:, :-1])
