@@ -74,13 +74,14 @@ def one_worker(ray_session, teacher_path, records, tmp_path_factory):
 def test_workers_that_leave_no_cpu_for_the_tokenizers_are_refused_before_any_actor(
     ray_session, teacher_path, records, tmp_path
 ):
-    """5 worker CPUs + 1 teacher scorer fill the session's 6 CPUs: the tokenizing actors (0.25 CPU each,
-    train and eval) could never be placed, and Ray would wait for them without a word."""
+    """5 worker CPUs + 1 teacher scorer fill the session's 6 CPUs: the train split's tokenizing actor
+    (0.25 CPU; the eval split is tokenized in the driver) could never be placed, and Ray would wait for
+    it without a word."""
     cfg = make_cfg(teacher_path, cpus_per_worker=5)
     with pytest.raises(RuntimeError, match="cannot place all its actors") as err:
         distill(cfg, *records, workdir=tmp_path / "w", teacher_path=teacher_path)
-    assert "CPU: needs 6.5, the cluster has 6" in str(err.value)
-    assert "2 tokenizer(s)" in str(err.value) and "train.cpus_per_worker" in str(err.value)
+    assert "CPU: needs 6.25, the cluster has 6" in str(err.value)
+    assert "1 tokenizer(s)" in str(err.value) and "train.cpus_per_worker" in str(err.value)
     assert not any((tmp_path / "w").rglob("*")), "refused before the run wrote anything"
 
 
@@ -217,14 +218,14 @@ def test_signal_cache_round_trip_feeds_training(ray_session, teacher_path, recor
 
 def test_a_run_whose_actors_cannot_all_be_placed_is_refused(ray_session, teacher_path, records, tmp_path):
     # GKD streams the signal (scorers) and scores student samples (TeacherPool); with the two
-    # tokenizing actors: 1 + 2 x 0.25 + 2 x 4 x 2 = 17.5 CPUs > 6
+    # train split's tokenizing actor: 1 + 0.25 + 2 x 4 x 2 = 17.25 CPUs > 6
     cfg = with_overrides(
         make_cfg(teacher_path),
         {"objective.method": "gkd", "objective.on_policy_fraction": 0.5, "teacher.replicas": 4,
          "teacher.num_cpus": 2},
     )  # fmt: skip
     with pytest.raises(
-        RuntimeError, match=r"CPU: needs 17\.5, the cluster has 6.*2 tokenizer.*on-policy TeacherPool"
+        RuntimeError, match=r"CPU: needs 17\.25, the cluster has 6.*1 tokenizer.*on-policy TeacherPool"
     ):
         distill(cfg, *records, workdir=tmp_path, teacher_path=teacher_path)
 

@@ -218,6 +218,38 @@ def tokenized(
     )
 
 
+def tokenized_here(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: str,
+    *,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    chat_template: bool,
+    batch_size: int,
+) -> Any:
+    """`tokenized` for a small split (the held-out one), done in this process: one unpadded row per record,
+    in blocks of `batch_size`, already in the object store. A tokenizing actor would cost a process start
+    (seconds on a small machine) before the first step, for rows read at every evaluation anyway."""
+    from kdray.data.tokenize import Tokenize
+
+    tokenize = Tokenize(
+        tokenizer,
+        max_prompt_tokens=max_prompt_tokens,
+        max_response_tokens=max_response_tokens,
+        chat_template=chat_template,
+    )
+    rows = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        batch = tokenize({key: [r.get(key) for r in chunk] for key in chunk[0]})
+        for i, record in enumerate(chunk):
+            n = int(batch["attention_mask"][i].sum())  # right padding: the real tokens come first
+            cut = {k: batch[k][i, :n] for k in ("input_ids", "attention_mask", "response_mask")}
+            rows.append({**record, **cut})
+    n_blocks = max(1, -(-len(rows) // batch_size))
+    return _ray_data().from_items(rows, override_num_blocks=n_blocks)
+
+
 def with_teacher_signal(
     ds: Any,
     teacher_kwargs: Mapping[str, Any],

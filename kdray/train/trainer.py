@@ -164,9 +164,7 @@ def build_datasets(
         "chat_template": cfg.data.chat_template,
         "batch_size": rows,
     }
-    eval_ds = pipeline.tokenized(
-        pipeline.records_dataset(eval_records, block_rows=rows), tokenizer_path, **tok
-    )
+    eval_ds = pipeline.tokenized_here(eval_records, tokenizer_path, **tok)
     if signal_dataset is not None:
         return signal_dataset, eval_ds
     train = pipeline.records_dataset(train_records, block_rows=rows)
@@ -259,7 +257,7 @@ def distill(
 
     _check_capacity(
         cfg, scorer=signal_dataset is None and needs_signal(cfg), pool=needs_pool(cfg),
-        tokenizers=1 if signal_dataset is not None else 2,
+        tokenizers=0 if signal_dataset is not None else 1,
     )  # fmt: skip
     progress = progress_actor() if signal_dataset is None and needs_signal(cfg) else None
     train_ds, eval_ds = build_datasets(
@@ -268,7 +266,6 @@ def distill(
     )  # fmt: skip
     live = signal_dataset is None and (needs_signal(cfg) or needs_generations(cfg))
     train_ds = kept_for_epochs(cfg, train_ds, len(train_records), live=live)
-    eval_ds = eval_ds.materialize()
     spec = loop_spec(cfg, teacher_path=teacher_path, metrics_path=metrics_path, export_path=export_path)
     spec.teacher_progress = progress
     from kdray.train.resume import recover_damaged_snapshot
@@ -317,12 +314,12 @@ def distill(
     return DistillRun(result, read_history(metrics_path), export_path, metrics_path, extra)
 
 
-def _check_capacity(cfg: Any, *, scorer: bool, pool: bool, tokenizers: int = 2) -> None:
+def _check_capacity(cfg: Any, *, scorer: bool, pool: bool, tokenizers: int = 1) -> None:
     """Refuse a run whose actors cannot all be placed at once: Ray would wait for them forever.
 
     An on-policy run that also streams the teacher signal holds two sets of teachers (the Ray Data
-    scorers and the TeacherPool) beside the training workers; the train and eval datasets each keep a
-    tokenizing actor (`pipeline.TOKENIZE_CPUS`; a cached signal needs only the eval one): training
+    scorers and the TeacherPool) beside the training workers; the train dataset keeps a tokenizing actor
+    (`pipeline.TOKENIZE_CPUS`; a cached signal needs none, the eval split is tokenized here): training
     workers that take every CPU would leave those pending and the run waiting without a word.
     """
     import ray
