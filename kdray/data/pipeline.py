@@ -219,25 +219,15 @@ def tokenized(
 
 
 def tokenized_here(
-    records: Sequence[Mapping[str, Any]],
-    tokenizer: str,
-    *,
-    max_prompt_tokens: int,
-    max_response_tokens: int,
-    chat_template: bool,
-    batch_size: int,
+    records: Sequence[Mapping[str, Any]], tokenizer: str, *, batch_size: int, **options: Any
 ) -> Any:
     """`tokenized` for a small split (the held-out one), done in this process: one unpadded row per record,
     in blocks of `batch_size`, already in the object store. A tokenizing actor would cost a process start
-    (seconds on a small machine) before the first step, for rows read at every evaluation anyway."""
+    (seconds on a small machine) before the first step, for rows read at every evaluation anyway.
+    `options` are `Tokenize`'s (max_prompt_tokens, max_response_tokens, chat_template)."""
     from kdray.data.tokenize import Tokenize
 
-    tokenize = Tokenize(
-        tokenizer,
-        max_prompt_tokens=max_prompt_tokens,
-        max_response_tokens=max_response_tokens,
-        chat_template=chat_template,
-    )
+    tokenize = Tokenize(tokenizer, **options)
     rows = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
