@@ -289,3 +289,43 @@ def test_pad_rows_sample_the_initial_student_and_score_with_the_teacher(ray_sess
         got = [r["teacher_reward"] for r in group]
         assert all(math.isfinite(x) for x in got)
         assert got == pytest.approx([10.0 * float(x) for x in expected], abs=1e-4)
+
+
+def test_pad_rows_judge_the_students_text_with_a_teacher_of_another_tokenizer(ray_session, tmp_path):
+    """PAD reads the teacher as text only: a character-level student's samples are scored by a BPE
+    teacher on its own tokenization of the same text, with no refusal and no shared vocabulary."""
+    from kdray.config import with_overrides
+    from kdray.data import generate_arithmetic
+    from kdray.models.bpe import bpe_tokenizer, save_bpe_checkpoint
+    from kdray.models.tiny import save_tiny_checkpoint
+    from kdray.teacher import Teacher
+    from kdray.teacher.preflight import VocabularyMismatchError, preflight_config
+    from kdray.train.pad_data import pad_rows
+
+    records = generate_arithmetic(10, seed=1, difficulty=1)
+    bpe = bpe_tokenizer([f"{r['prompt']}\n{r['response']}" for r in generate_arithmetic(200, seed=2)], 320)
+    teacher_dir = str(save_bpe_checkpoint(tmp_path / "teacher", bpe, hidden_size=32, num_layers=1, seed=3))
+    student_dir = str(save_tiny_checkpoint(tmp_path / "student", hidden_size=32, num_layers=1, seed=4))
+    assert len(bpe) != len(char_tokenizer())
+    cfg = config_from_dict(
+        {
+            "model": {"name_or_path": student_dir},
+            "teacher": {"name_or_path": teacher_dir, "num_cpus": 1},
+            "objective": {"method": "pad", "max_new_tokens": 8, "method_params": {"alpha": 1.0}},
+            "train": {"batch_size": 4, "max_steps": 2, "seed": 5},
+        }
+    )
+    preflight_config(cfg, teacher_dir)  # PAD's declaration: text only, so the pair is accepted
+    with pytest.raises(VocabularyMismatchError):  # a method on one vocabulary is refused
+        preflight_config(with_overrides(cfg, {"objective.method": "supervised_kd"}), teacher_dir)
+    data = pad_rows(cfg, records, teacher_path=teacher_dir)
+    groups = len(data.rows) // 4
+    assert groups >= 2
+    teacher = Teacher(teacher_dir, temperature=1.0, top_k=1)
+    for g in range(groups):
+        group = data.rows[4 * g : 4 * g + 4]
+        prompt, responses = group[0]["prompt"], [r["response"] for r in group]
+        expected = teacher.reward([prompt] * 4, responses)  # the BPE teacher on its own tokens
+        got = [r["teacher_reward"] for r in group]
+        assert all(math.isfinite(x) for x in got)
+        assert got == pytest.approx([10.0 * float(x) for x in expected], abs=1e-4)
