@@ -86,10 +86,10 @@ def predicted_from(batch: Mapping[str, Tensor]) -> int:
     """The first predicted position (of the L − 1) that some row's response needs: the student's logits
     are computed from there on, not over the prompt before it. Every loss reads positions inside the
     response mask only; the cross-tokenizer signal indexes student positions, so it keeps them all."""
-    if STUDENT_COLUMN in batch or "response_mask" not in batch:
+    if STUDENT_COLUMN in batch or "response_mask" not in batch or batch["response_mask"].shape[1] < 2:
         return 0
-    needed = batch["response_mask"][:, 1:].any(dim=0)
-    return int(needed.nonzero()[0, 0]) if bool(needed.any()) else 0
+    needed = batch["response_mask"][:, 1:].any(dim=0).to(torch.uint8)
+    return int(needed.argmax())  # the first needed position (0 when none is): one read from the device
 
 
 def teacher_signal(batch: Mapping[str, Tensor], vocab_size: int | None = None) -> dict[str, Tensor] | None:
