@@ -9,6 +9,7 @@ kdray's tags (`kdray.host`, `kdray.pid`, `mlflow.parentRunId`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
@@ -75,19 +76,20 @@ def git_commit(path: str | Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
-def retry(fn: Callable[[], Any], *, attempts: int, what: str) -> Any:
-    """`fn()`, tried `attempts` times 2, 4, 8... s apart; an error no retry can fix is raised at once. For
-    the calls that must block (registering a model, finding a run), unlike logging, which the spool retries."""
+def retry(fn: Callable[[], Any], *, what: str, attempts: int = 1_000, timeout_s: float = math.inf) -> Any:
+    """`fn()`, tried up to `attempts` times 2, 4, 8... s apart (at most 60 s) while the next try starts
+    within `timeout_s`; an error no retry can fix is raised at once. For the calls that must block
+    (creating or finding a run, registering a model), unlike logging, which the spool retries."""
+    deadline = time.monotonic() + timeout_s
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as err:
-            if attempt == attempts or is_permanent(err):
+            delay = min(60, 2**attempt)
+            if attempt == attempts or is_permanent(err) or time.monotonic() + delay > deadline:
                 raise
-            logger.warning(
-                "%s failed (%s); attempt %d of %d in %ds", what, err, attempt + 1, attempts, 2**attempt
-            )
-            time.sleep(2**attempt)
+            logger.warning("%s failed (%s); try %d in %ds", what, err, attempt + 1, delay)
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 

@@ -1,13 +1,12 @@
 """One `Tracker`: an MLflow run on rank 0, a no-op on every other rank.
 
-MLflow's client does the sending (`log_batch`, `log_artifact(s)`, `set_terminated`). What it lacks is
-durability: its asynchronous logging (`synchronous=False`) holds queued batches in memory, sends them from
-a thread pool in no fixed order and drops a batch whose request failed (mlflow.utils.async_logging), so a
-long outage, or a crash, loses metrics. kdray adds only a write-ahead log: each call is appended to a
-JSONL spool on local disk and returns at once; a daemon thread sends the spool in order, retrying while
-the server is down, and a tracker given the same `spool_dir` resends what a dead process left. Only
-`MlflowClient` is used, never the fluent run state: one process holds several trackers (a workflow's
-parent run and one nested run per step; a Ray Train rank 0 attached to the driver's run).
+MLflow's client does the sending (`log_batch`, `log_artifacts`, `set_terminated`). What it lacks is
+durability: its asynchronous logging (`synchronous=False`) keeps queued batches in memory and drops a
+batch whose request failed (mlflow.utils.async_logging), so an outage or a crash loses metrics, and
+its artifact calls block. kdray adds only a write-ahead log: each call is appended to a JSONL spool on
+local disk and returns; a daemon thread sends the spool in order, retrying while the server is down, and
+a tracker given the same `spool_dir` resends what a dead process left. Only `MlflowClient` is used, not
+the fluent run state: one process holds several trackers (a workflow's run and one nested run per step).
 """
 
 from __future__ import annotations
@@ -23,11 +22,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from kdray.runs import experiment_id, flatten, git_commit, is_permanent, mlflow_key
+from kdray.runs import experiment_id, flatten, git_commit, is_permanent, mlflow_key, retry
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +33,7 @@ __all__ = ["Tracker", "TrackingUnavailableError"]
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 MAX_BACKOFF_S = 5.0
-# log_batch limits of the MLflow REST API: 1000 metrics, 100 params, 100 tags, 1000 entities in all
+# log_batch limits of the MLflow REST API: 1000 metrics, 100 params, 100 tags
 _LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
 # MLflow reads these per request, process-wide: without them one request to a dead server retries for
 # ~4 minutes, while the sender retries by itself. The timeout only bounds a hung server.
@@ -49,17 +47,15 @@ class TrackingUnavailableError(RuntimeError):
 
 class Tracker:
     """The MLflow run of rank 0: created (nested under `parent_run_id`) or attached by `run_id` (a Ray
-    Train worker logging into the driver's run: nothing is sent at construction, so it works with the
-    server down). Any other rank, or `enabled=False`, gives a tracker whose calls do nothing, so callers
-    never branch on the rank. `log_*` append to the spool and return; `close()` waits up to `timeout_s`
-    and, if the server is still down, leaves the spool for `Tracker(uri, experiment, run_id=...,
-    spool_dir=...)` to resend. Creating a run is the one blocking call: it retries for
-    `create_timeout_s`, then raises `TrackingUnavailableError`.
+    Train worker logging into the driver's run; nothing is sent at construction). Any other rank, or
+    `enabled=False`, gives a tracker whose calls do nothing, so callers never branch on the rank. `log_*`
+    append to the spool and return; `close()` waits up to `timeout_s` and, if the server is still down,
+    leaves the spool for `Tracker(uri, experiment, run_id=..., spool_dir=...)` to resend. Creating a run
+    is the one blocking call: it retries for `create_timeout_s`, then raises `TrackingUnavailableError`.
 
-    The spool (`spool_dir`, default `~/.cache/kdray/mlflow-spool/<run_id>`) is `spool.jsonl`, the byte up
-    to which the server has it in `spool.offset` (replaced atomically), the run it belongs to in
-    `spool.run`, artifacts as copies under `files/`, and `spool.lock`, which keeps two live trackers off
-    one spool."""
+    The spool (`spool_dir`, default `~/.cache/kdray/mlflow-spool/<run_id>`) holds `spool.jsonl`, the byte
+    up to which the server has it (`spool.offset`, replaced atomically), its run (`spool.run`), artifact
+    copies under `files/`, and `spool.lock`, which keeps two live trackers off one spool."""
 
     def __init__(
         self,
@@ -87,21 +83,21 @@ class Tracker:
                 os.environ.setdefault(key, value)  # an explicit user setting wins
         elif tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self._client, self._mutex, self._flush_interval_s = (
+        self._client, self._mutex, self._interval_s = (
             MlflowClient(tracking_uri),
             threading.Lock(),
             flush_interval_s,
         )
-        if spool_dir is not None and (other := _unsent_run(Path(spool_dir))) not in (None, run_id):
-            # checked before a run is created that could not use the spool: those calls belong elsewhere
+        if spool_dir and (other := _unsent_run(Path(spool_dir))) not in (None, run_id):
+            # checked before creating a run that could not use the spool: those calls belong elsewhere
             raise ValueError(
                 f"spool dir {spool_dir} holds unsent calls of run {other}; resend them with Tracker(uri, "
                 f"experiment, run_id={other!r}, spool_dir={str(spool_dir)!r}).close() or use another dir"
             )
-        if run_id is None:
-            self._run_id = self._create_run(run_name, parent_run_id, tags or {}, create_timeout_s)
-        self._open_spool(Path(spool_dir) if spool_dir else None)
-        if run_id is not None and tags:
+        self._run_id = run_id or self._create_run(run_name, parent_run_id, tags or {}, create_timeout_s)
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        self._open_spool(Path(spool_dir) if spool_dir else cache / "kdray" / "mlflow-spool" / self._run_id)
+        if run_id and tags:
             self.set_tags(tags)
         self._wake, self._stop, self._sent_cv = threading.Event(), threading.Event(), threading.Condition()
         self._thread = threading.Thread(
@@ -139,17 +135,13 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Finite numbers only: NaN, inf, None, strings and multi-element tensors are skipped, not raised."""
         clean = {mlflow_key(k): n for k, v in metrics.items() if (n := _finite(v)) is not None}
-        self._append("metrics", clean, step=int(step), ts=_now_ms())
+        self._append("metrics", clean, step=int(step), ts=int(time.time() * 1000))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copies the file (or directory) into the spool now: the caller may delete or rewrite it."""
         path = Path(path)
-        if not path.exists():
-            logger.warning("artifact %s not logged: no such file or directory", path)
-            return
         copy = shutil.copytree if path.is_dir() else shutil.copy2
-        name = f"{artifact_path}/{path.name}" if artifact_path else path.name
-        self._log_file(name, lambda to: copy(path, to))
+        self._log_file(f"{artifact_path or '.'}/{path.name}", lambda to: copy(path, to))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._log_file(artifact_file, lambda target: target.write_text(text, encoding="utf-8"))
@@ -175,7 +167,9 @@ class Tracker:
         if not self.active:
             return
         if status is not None:
-            self._append_line(_line({"op": "terminate", "status": status, "end_time": _now_ms()}))
+            self._append_line(
+                _line({"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
+            )
         self._closed = True
         sent = self.flush(timeout_s)
         self._stop.set()
@@ -185,17 +179,12 @@ class Tracker:
         self._file.close()
         os.close(self._lock)
         if done:  # everything sent: the spool goes
-            for name in ("spool.jsonl", "spool.offset", "spool.run", "spool.lock"):
-                (self._dir / name).unlink(missing_ok=True)
-            shutil.rmtree(self._dir / "files", ignore_errors=True)
-            with suppress(OSError):
-                self._dir.rmdir()
-            return
-        where = f"Tracker({self.tracking_uri!r}, {self.experiment!r}, run_id={self.run_id!r}, spool_dir={str(self._dir)!r})"
+            return shutil.rmtree(self._dir, ignore_errors=True)
+        resend = f"Tracker({self.tracking_uri!r}, {self.experiment!r}, run_id={self.run_id!r}, spool_dir={str(self._dir)!r})"
         logger.warning(
             "MLflow at %s did not take all of run %s within %.0fs; the unsent calls are kept in %s. "
             "Resend them with %s.close() once the server is up (`kdray doctor` checks it).",
-            *(self.tracking_uri, self.run_id, timeout_s, self._dir, where),
+            *(self.tracking_uri, self.run_id, timeout_s, self._dir, resend),
         )
 
     def __enter__(self) -> Tracker:
@@ -207,22 +196,17 @@ class Tracker:
 
     # ---- the spool ----------------------------------------------------------------------------------
 
-    def _open_spool(self, explicit: Path | None) -> None:
-        """`explicit`, else `<cache>/<run_id>` (resumed if a dead process left it), else a fresh sibling."""
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdray" / "mlflow-spool"
-        fresh = root / f"{self._run_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        for directory in [explicit] if explicit else [root / self._run_id, fresh]:
-            directory.mkdir(parents=True, exist_ok=True)
-            self._lock = os.open(directory / "spool.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                os.close(self._lock)
-        else:
+    def _open_spool(self, directory: Path) -> None:
+        """Take `directory` (resuming what a dead process left there) unless a live tracker holds it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(directory / "spool.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock)
             raise ValueError(
-                f"spool dir {explicit} is in use by another live Tracker; give each tracker its own"
-            )
+                f"spool dir {directory} is in use by a live Tracker; give each its own"
+            ) from None
         self._dir, self._log = directory, directory / "spool.jsonl"
         (directory / "spool.run").write_text(self._run_id)
         self._file = open(self._log, "ab")  # noqa: SIM115 - open for the tracker's lifetime
@@ -241,8 +225,7 @@ class Tracker:
                 self._file.write(line)
                 self._file.flush()
             except (OSError, ValueError) as err:
-                logger.warning("tracking call lost: could not write the spool %s: %s", self._log, err)
-                return
+                return logger.warning("tracking call lost: could not write the spool %s: %s", self._log, err)
             self._written += len(line)
 
     def _append(self, op: str, items: dict[str, Any], **extra: Any) -> None:
@@ -252,19 +235,19 @@ class Tracker:
             self._append_line(_line({"op": op, op: dict(pairs[i : i + _LIMITS[op]]), **extra}))
 
     def _log_file(self, artifact_file: str, write: Callable[[Path], Any]) -> None:
-        """Write the artifact into its own spool folder now, and queue its upload."""
+        """Write the artifact into a folder of its own in the spool now, and queue its upload."""
         if not self.active:
             return
-        target = self._dir / "files" / uuid.uuid4().hex / Path(artifact_file).name
+        folder = self._dir / "files" / uuid.uuid4().hex
         try:
-            target.parent.mkdir(parents=True)
-            write(target)
+            folder.mkdir(parents=True)
+            write(folder / Path(artifact_file).name)
         except OSError as err:
-            logger.warning("artifact %s not logged: writing it to the spool failed: %s", artifact_file, err)
-            return
-        folder = Path(artifact_file).parent.as_posix()
-        record = {"op": "artifact", "file": target.relative_to(self._dir).as_posix()}
-        self._append_line(_line({**record, "artifact_path": None if folder == "." else folder}))
+            shutil.rmtree(folder, ignore_errors=True)
+            return logger.warning("artifact %s not logged: %s", artifact_file, err)
+        where = Path(artifact_file).parent.as_posix()
+        record = {"op": "artifact", "folder": folder.name, "artifact_path": None if where == "." else where}
+        self._append_line(_line(record))
 
     def _read(self, limit: int = 5000) -> Records:
         """Complete unsent lines; one that does not parse comes back as op `unreadable` (dropped, logged)."""
@@ -289,7 +272,7 @@ class Tracker:
     # ---- sending ------------------------------------------------------------------------------------
 
     def _create_run(
-        self, run_name: str | None, parent: str | None, tags: Mapping[str, Any], timeout_s: float
+        self, name: str | None, parent: str | None, tags: Mapping[str, Any], timeout_s: float
     ) -> str:
         from kdray import __version__
 
@@ -304,36 +287,30 @@ class Tracker:
             all_tags["mlflow.source.git.commit"] = commit
         if parent:
             all_tags["mlflow.parentRunId"] = parent  # how the MLflow UI nests runs
-        deadline, delay = time.monotonic() + timeout_s, 0.5
-        while True:
-            try:
-                if self._experiment_id is None:
-                    self._experiment_id = experiment_id(self._client, self.experiment, self.tracking_uri)
-                return self._client.create_run(
-                    self._experiment_id, run_name=run_name, tags=all_tags
-                ).info.run_id
-            except Exception as err:
-                if is_permanent(err):
-                    raise
-                if time.monotonic() + delay > deadline:
-                    raise TrackingUnavailableError(
-                        f"MLflow at {self.tracking_uri} did not answer within {timeout_s:.0f}s "
-                        f"({type(err).__name__}: {str(err)[:300]}). Start the server or fix "
-                        "tracking.tracking_uri / $MLFLOW_TRACKING_URI (`kdray doctor` checks it), or run "
-                        "without tracking with `tracking.enabled: false`."
-                    ) from err
-                logger.warning(
-                    "MLflow at %s unreachable (%s); retrying in %.1fs", self.tracking_uri, err, delay
-                )
-                time.sleep(delay)
-                delay = min(MAX_BACKOFF_S, 2 * delay)
+
+        def create() -> str:
+            self._experiment_id = self._experiment_id or experiment_id(
+                self._client, self.experiment, self.tracking_uri
+            )
+            return self._client.create_run(self._experiment_id, run_name=name, tags=all_tags).info.run_id
+
+        try:
+            return retry(create, timeout_s=timeout_s, what=f"creating a run at MLflow {self.tracking_uri}")
+        except Exception as err:
+            if is_permanent(err):
+                raise
+            raise TrackingUnavailableError(
+                f"MLflow at {self.tracking_uri} did not answer within {timeout_s:.0f}s ({type(err).__name__}: "
+                f"{str(err)[:300]}). Start the server or fix tracking.tracking_uri / $MLFLOW_TRACKING_URI "
+                "(`kdray doctor` checks it), or run without tracking with `tracking.enabled: false`."
+            ) from err
 
     def _send_loop(self) -> None:
         delay = 0.0  # > 0 while the server is down
         while not self._stop.is_set():
             if delay:
                 self._stop.wait(delay)
-            elif self._wake.wait(self._flush_interval_s):
+            elif self._wake.wait(self._interval_s):
                 self._wake.clear()
             try:
                 while not self._stop.is_set() and (records := self._read()):
@@ -352,38 +329,33 @@ class Tracker:
     def _deliver(self, unit: Records) -> None:
         """Send `unit` and mark it sent; a record MLflow rejects for good is found, logged and dropped."""
         try:
-            self._send(unit)
+            self._send([record for _, record in unit])
         except Exception as err:
             if not is_permanent(err):
                 raise
             if len(unit) > 1:  # one bad record: send the others one by one
-                for record in unit:
-                    self._deliver([record])
-                return
+                return [self._deliver([record]) for record in unit] and None
             logger.warning(
                 "MLflow rejected a %s record of run %s; dropped: %s", unit[0][1].get("op"), self.run_id, err
             )
         self._advance(unit[-1][0])
         if unit[0][1].get("op") == "artifact":
-            shutil.rmtree((self._dir / unit[0][1]["file"]).parent, ignore_errors=True)
+            shutil.rmtree(self._dir / "files" / unit[0][1]["folder"], ignore_errors=True)
         with self._sent_cv:
             self._sent_cv.notify_all()
 
-    def _send(self, unit: Records) -> None:
+    def _send(self, records: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        first = unit[0][1]
-        if first.get("op") == "artifact":
-            local = self._dir / first["file"]
-            if local.is_dir():
-                dest = "/".join(p for p in (first["artifact_path"], local.name) if p)
-                return self._client.log_artifacts(self.run_id, str(local), dest)
-            return self._client.log_artifact(self.run_id, str(local), first["artifact_path"])
-        if first.get("op") == "terminate":
+        first, op = records[0], records[0].get("op")
+        if op == "artifact":  # the folder holds the one file or directory logged
+            folder = self._dir / "files" / first["folder"]
+            return self._client.log_artifacts(self.run_id, str(folder), first["artifact_path"])
+        if op == "terminate":
             return self._client.set_terminated(self.run_id, first["status"], first["end_time"])
-        if first.get("op") not in _LIMITS:
+        if op not in _LIMITS:
             raise ValueError(f"unreadable spool record {first!r}")
-        metrics = [Metric(k, v, r["ts"], r["step"]) for _, r in unit for k, v in r.get("metrics", {}).items()]
+        metrics = [Metric(k, v, r["ts"], r["step"]) for r in records for k, v in r.get("metrics", {}).items()]
         params = [Param(k, v) for k, v in first.get("params", {}).items()]
         tags = [RunTag(k, v) for k, v in first.get("tags", {}).items()]
         self._client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
@@ -421,10 +393,6 @@ def _sent_offset(directory: Path) -> int:
 
 def _line(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n"
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _finite(value: Any) -> float | None:
