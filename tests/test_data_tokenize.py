@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdray.data import Tokenize, collate, pad_batch, tokenize_example
+from kdray.data import Tokenize, collate, tokenize_example
+from kdray.data.tokenize import ragged, unpadded
 from kdray.models.tokenizer import char_tokenizer
+from kdray.train.batches import regularize_batch
 
 PROMPT = "Tom has 5 apples. He buys 3 more. How many apples does Tom have now?"
 RESPONSE = "He has 5 + 3 = 8 apples. #### 8"  # one line: see test_char_tokenizer_keeps_newlines
@@ -20,14 +22,6 @@ def tok():
 def split_parts(example):
     ids, mask = np.array(example["input_ids"]), np.array(example["response_mask"])
     return ids[~mask].tolist(), ids[mask].tolist()
-
-
-def object_rows(rows):
-    """A 1-D object array holding one 1-D array per row (what Ray Data gives for ragged columns)."""
-    out = np.empty(len(rows), dtype=object)
-    for i, row in enumerate(rows):
-        out[i] = row
-    return out
 
 
 def test_mask_covers_exactly_the_response_and_eos(tok):
@@ -83,26 +77,33 @@ def test_collate_pads_right_with_masks(tok):
         collate([], 0)
 
 
-def test_tokenize_callable_and_ragged_rebatching(tok):
+def test_tokenize_gives_unpadded_rows_that_the_worker_pads_once(tok):
     prompts = np.array([PROMPT, "Hi?", "Sam has 2 pens. How many?"], dtype=object)
     responses = np.array([RESPONSE, "Yes.", "#### 2"], dtype=object)
     out = Tokenize(tok, max_prompt_tokens=64, max_response_tokens=64)(
         {"prompt": prompts, "response": responses, "id": np.array(["a", "b", "c"], dtype=object)}
     )
     assert out["id"].tolist() == ["a", "b", "c"]  # other columns pass through
-    assert out["response_mask"].sum(1).tolist() == [len(r) + 1 for r in responses]
-    # Ray Data hands out object arrays of ragged rows when it merges blocks of different widths
-    ragged = {
-        key: object_rows([row[m] for row, m in zip(out[key], out["attention_mask"], strict=True)])
-        for key in ("input_ids", "attention_mask", "response_mask")
-    }
-    again = pad_batch({**out, **ragged}, tok.pad_token_id)
-    for key in ("input_ids", "attention_mask", "response_mask"):
-        assert np.array_equal(again[key], out[key]), key
-    fixed = Tokenize(tok, max_prompt_tokens=64, max_response_tokens=64, fixed_width=True)(
-        {"prompt": prompts, "response": responses}
-    )
-    assert fixed["input_ids"].shape == (3, 128)
+    assert "attention_mask" not in out, "an unpadded row is all real tokens"
+    expected = [
+        tokenize_example(tok, p, r, max_prompt_tokens=64, max_response_tokens=64)
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    assert [row.tolist() for row in out["input_ids"]] == [e["input_ids"] for e in expected]
+    assert [row.tolist() for row in out["response_mask"]] == [e["response_mask"] for e in expected]
+    assert [int(m.sum()) for m in out["response_mask"]] == [len(r) + 1 for r in responses]
+
+    padded = regularize_batch(out, tok.pad_token_id)  # the worker's one padding
+    assert np.array_equal(padded["input_ids"], collate(expected, tok.pad_token_id)["input_ids"])
+    assert padded["attention_mask"].sum(1).tolist() == [len(e["input_ids"]) for e in expected]
+    # a padded batch (a teacher's signal is padded to its batch) comes back as the same rows
+    back = unpadded({**padded, "topk_ids": np.ones((3, padded["input_ids"].shape[1], 2), np.int32)})
+    assert [r.tolist() for r in back["input_ids"]] == [e["input_ids"] for e in expected]
+    assert [r.shape for r in back["topk_ids"]] == [(len(e["input_ids"]), 2) for e in expected]
+    assert "attention_mask" not in back
+    # rows of one length stay rows (not merged into a 2-D array), as Ray Data expects of a ragged column
+    same = ragged([np.arange(3), np.arange(3)])
+    assert same.dtype == object and same.shape == (2,)
 
 
 def test_char_tokenizer_keeps_newlines_of_gsm8k_answers(tok):

@@ -109,13 +109,11 @@ def worker_killed(bench: Bench) -> dict[str, Any]:
 def nan_loss(bench: Bench) -> dict[str, Any]:
     """The teacher's signal turns NaN for every row from step NAN_FROM on (a Ray Data map over the live
     signal): each step's loss is NaN, skipped, and the tenth in a row stops the run."""
-    from kdray.train.trainer import build_datasets
+    from kdray.train.trainer import train_dataset
 
     cfg = train_cfg(bench.teacher)
     bad = [r["id"] for r in bench.train[(NAN_FROM - 1) * ROWS :]]
-    live, _ = build_datasets(
-        cfg, bench.train, bench.eval, teacher_path=bench.teacher, tokenizer_path=bench.teacher
-    )
+    live = train_dataset(cfg, bench.train, teacher_path=bench.teacher, tokenizer_path=bench.teacher)
     poisoned = live.map_batches(_poison, fn_kwargs={"bad": bad}, batch_format="numpy", batch_size=ROWS)
     run = bench.distill("nan_loss", cfg=cfg, signal_dataset=poisoned)
     lines = metric_lines(bench.metrics("nan_loss"))

@@ -87,12 +87,12 @@ def write_cache(settings: dict[str, Any]) -> dict[str, Any]:
     init_ray(quiet=True)
     from kdray.data.cache import SignalCache
     from kdray.models.loading import load_model_config
-    from kdray.train.trainer import build_datasets
+    from kdray.train.trainer import train_dataset
 
     cfg, records = kdray_config(settings, live=False), _records(settings)
     started = time.time()
-    train_ds, _ = build_datasets(
-        cfg, records, records[:1], teacher_path=settings["teacher"], tokenizer_path=settings["teacher"]
+    train_ds = train_dataset(
+        cfg, records, teacher_path=settings["teacher"], tokenizer_path=settings["teacher"]
     )
     vocab = int(load_model_config(settings["teacher"]).vocab_size)
     rows = SignalCache(settings["cache_dir"]).write(train_ds, "perf", vocab_size=vocab)

@@ -20,7 +20,6 @@ from kdray.data.records import (
 from kdray.data.tokenize import (
     Tokenize,
     collate,
-    pad_batch,
     pad_id_of,
     tokenize_example,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "detect_format",
     "generate_arithmetic",
     "gsm8k_record",
-    "pad_batch",
     "pad_id_of",
     "parse_gsm8k_answer",
     "read_config_split",

@@ -190,11 +190,11 @@ def _compact_batch(batch: Mapping[str, Any], vocab_size: int) -> Any:
     import pyarrow as pa
     from ray.data.extensions import ArrowVariableShapedTensorArray
 
+    from kdray.data.tokenize import unpadded
     from kdray.teacher.signal_store import compact
 
     kept = {key: value for key, value in batch.items() if key not in NOT_CACHED}
-    out = _per_column(kept, lambda cols: compact(cols, vocab_size))
-    out = _trimmed(out)
+    out = unpadded(_per_column(kept, lambda cols: compact(cols, vocab_size)))  # rows as they came, at most
     columns = {}
     for key, value in out.items():
         value = np.asarray(value)
@@ -205,23 +205,6 @@ def _compact_batch(batch: Mapping[str, Any], vocab_size: int) -> Any:
             pa.array(value) if rows is None else ArrowVariableShapedTensorArray.from_numpy(list(rows))
         )
     return pa.table(columns)
-
-
-def _trimmed(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Each row's per-token columns cut to its real tokens (rows are right-padded): padding is not stored.
-    Readers get ragged rows back and the worker pads them once, to its own batch (`regularize_batch`)."""
-    from kdray.data.tokenize import TOKEN_COLUMNS
-
-    if "attention_mask" not in batch:
-        return dict(batch)
-    lengths = [int(np.asarray(m, bool).sum()) for m in batch["attention_mask"]]
-    out = dict(batch)
-    for key in TOKEN_COLUMNS:
-        if key in batch:
-            rows = np.empty(len(lengths), dtype=object)
-            rows[:] = [np.asarray(r)[:n] for r, n in zip(batch[key], lengths, strict=True)]
-            out[key] = rows
-    return out
 
 
 def _expand_batch(batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from kdray.data.tokenize import unpadded
+
 
 def _ray_data() -> Any:
     import ray.data
@@ -154,6 +156,7 @@ class TeacherScorer:
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         out = self.cross(batch) if self.cross is not None else self.teacher(batch)
         out.pop("mask", None)  # the batch's own response_mask already says which tokens count
+        out = unpadded(out)  # the signal, padded to the batch's longest row, cut back to each row
         if self.progress is not None:
             self.progress.add.remote(len(batch["input_ids"]), time.time())
         return out
@@ -233,9 +236,9 @@ def tokenized_here(
         chunk = records[start : start + batch_size]
         batch = tokenize({key: [r.get(key) for r in chunk] for key in chunk[0]})
         for i, record in enumerate(chunk):
-            n = int(batch["attention_mask"][i].sum())  # right padding: the real tokens come first
-            cut = {k: batch[k][i, :n] for k in ("input_ids", "attention_mask", "response_mask")}
-            rows.append({**record, **cut})
+            rows.append(
+                {**record, "input_ids": batch["input_ids"][i], "response_mask": batch["response_mask"][i]}
+            )
     n_blocks = max(1, -(-len(rows) // batch_size))
     return _ray_data().from_items(rows, override_num_blocks=n_blocks)
 

@@ -1,4 +1,9 @@
-"""Prompt/response records -> token ids with a response mask, and padded numpy batches.
+"""Prompt/response records -> unpadded token ids with a response mask: the one row layout.
+
+A row carries `input_ids` and `response_mask` (and, once scored, the teacher signal) for its real
+tokens only, from the tokenizer through the teacher and the signal cache to the training worker, which
+pads once, to its own micro-batch (`kdray.train.batches.regularize_batch`). `collate` pads a list of
+rows for the in-process consumers (the reward model, benchmarks).
 
 The prompt is rendered with the model's own chat template, exactly as the teacher does (`kdray.models.prompts`, one home for both), so
 the student is trained on the token sequences the teacher scores and generates from. The response is
@@ -21,18 +26,20 @@ import numpy as np
 from kdray.models.prompts import encode_prompt, encode_response
 
 __all__ = [
+    "TEACHER_RESPONSE_COLUMNS",
     "TOKEN_COLUMNS",
     "Tokenize",
     "collate",
-    "pad_batch",
     "pad_id_of",
+    "ragged",
     "tokenize_example",
+    "unpadded",
 ]
 
 Example = dict[str, list]
 
-#: per-token columns: (B, T) or (B, T, k), aligned with the input tokens: what
-#: padding lengthens (the worker pads them once, `kdray.train.batches.regularize_batch`)
+#: per-token columns: one entry per real token of a row (T or T x k), aligned with its input tokens: what
+#: padding would lengthen (the worker pads them once, `kdray.train.batches.regularize_batch`)
 TOKEN_COLUMNS = (
     "input_ids",
     "attention_mask",
@@ -44,6 +51,16 @@ TOKEN_COLUMNS = (
     "old_logprobs",
     "mix_logprobs",
     "xtok_student_group",
+)
+#: per teacher-response-token columns of the cross-tokenizer signal: one entry per token of the teacher's
+#: tokenization of the response (`xtok_teacher_mask` is True on each), not per student token
+#: (`kdray.losses.cross_tokenizer_term`)
+TEACHER_RESPONSE_COLUMNS = (
+    "xtok_topk_ids",
+    "xtok_topk_logprobs",
+    "xtok_token_logprobs",
+    "xtok_teacher_mask",
+    "xtok_teacher_group",
 )
 
 
@@ -92,26 +109,31 @@ def collate(
     return out
 
 
-def pad_batch(batch: Mapping[str, Any], pad_id: int, *, width: int | None = None) -> dict[str, Any]:
-    """Re-pad a tokenized batch whose rows may be ragged.
+def ragged(rows: Sequence[Any], dtype: Any = None) -> np.ndarray:
+    """A 1-D object array holding one array per row: how Ray Data carries a column of unequal rows."""
+    out = np.empty(len(rows), dtype=object)
+    for i, row in enumerate(rows):  # one by one: rows of one shape must not merge into a 2-D array
+        out[i] = np.asarray(row, dtype=dtype)
+    return out
 
-    Ray Data hands out object arrays of 1-D rows when a batch spans blocks of different widths (seen with
-    Ray 2.60: `iter_batches(batch_size=13)` over `map_batches(Tokenize, batch_size=8)` output). This turns
-    either layout back into the padded arrays of `collate`, dropping old padding via `attention_mask`;
-    other columns pass through.
-    """
-    rows = [np.asarray(r).reshape(-1) for r in batch["input_ids"]]
-    attention = batch.get("attention_mask")
-    keeps = (
-        [np.asarray(a, bool).reshape(-1) for a in attention]
-        if attention is not None
-        else [np.ones(len(r), bool) for r in rows]
-    )
-    masks = [np.asarray(m, bool).reshape(-1) for m in batch["response_mask"]]
-    examples = [
-        {"input_ids": r[k], "response_mask": m[k]} for r, k, m in zip(rows, keeps, masks, strict=True)
-    ]
-    return {**batch, **collate(examples, pad_id, width=width)}
+
+def unpadded(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Every per-token column cut to each row's real tokens, `attention_mask` dropped (an unpadded row is
+    all real). A row's length is its `attention_mask` sum where the batch has one (right padding), else
+    the length of its `input_ids`: a teacher's signal padded to its batch comes back row by row."""
+    masks = batch.get("attention_mask")
+    ids = batch["input_ids"]
+    lengths = [int(np.asarray(m, bool).sum()) for m in masks] if masks is not None else [len(r) for r in ids]
+    out = {key: value for key, value in batch.items() if key != "attention_mask"}
+    for key in TOKEN_COLUMNS:
+        if key in out:
+            out[key] = ragged([np.asarray(r)[:n] for r, n in zip(batch[key], lengths, strict=True)])
+    if "xtok_teacher_mask" in batch:  # the cross-tokenizer signal: rows as long as the teacher's tokens
+        teacher = [int(np.asarray(m, bool).sum()) for m in batch["xtok_teacher_mask"]]
+        for key in TEACHER_RESPONSE_COLUMNS:
+            if key in out:
+                out[key] = ragged([np.asarray(r)[:n] for r, n in zip(batch[key], teacher, strict=True)])
+    return out
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -133,13 +155,8 @@ def _load_tokenizer(name_or_path: str, revision: str | None, gguf_file: str | No
 
 
 class Tokenize:
-    """Ray Data `map_batches` callable: adds `input_ids`, `attention_mask`, `response_mask` to a batch.
+    """Ray Data `map_batches` callable: adds unpadded `input_ids` (int64) and `response_mask` (bool) rows.
 
-    Output arrays are right-padded per batch (width = the longest row of that batch) so no compute goes
-    to padding; widths then differ between blocks, and a consumer that re-batches (`iter_batches` with
-    another batch size) gets object arrays of ragged rows: `pad_batch` restores the padded layout, and
-    `Teacher.logprobs` accepts both. `fixed_width=True` pads every batch to
-    `max_prompt_tokens + max_response_tokens` instead, so all blocks share one tensor shape.
     Other columns (prompt, response, answer, id) pass through for evaluation. Give it a tokenizer
     name/path (loaded once per actor; `tiny` = the char tokenizer) or a tokenizer object.
     """
@@ -151,7 +168,6 @@ class Tokenize:
         max_prompt_tokens: int = 256,
         max_response_tokens: int = 256,
         chat_template: bool = True,
-        fixed_width: bool = False,
         revision: str | None = None,
         gguf_file: str | None = None,
     ) -> None:
@@ -160,8 +176,6 @@ class Tokenize:
         self.tokenizer = tokenizer
         self.max_prompt_tokens, self.max_response_tokens = max_prompt_tokens, max_response_tokens
         self.chat_template = chat_template
-        self.width = max_prompt_tokens + max_response_tokens if fixed_width else None
-        self.pad_id = pad_id_of(tokenizer)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         missing = [c for c in ("prompt", "response") if c not in batch]
@@ -180,4 +194,8 @@ class Tokenize:
             )
             for p, r in zip(batch["prompt"], batch["response"], strict=True)
         ]
-        return {**batch, **collate(examples, self.pad_id, width=self.width)}
+        return {
+            **batch,
+            "input_ids": ragged([e["input_ids"] for e in examples], np.int64),
+            "response_mask": ragged([e["response_mask"] for e in examples], bool),
+        }

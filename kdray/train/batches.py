@@ -1,7 +1,7 @@
 """Batches as the training worker sees them: regular arrays, a resumable stream, prompts for sampling.
 
-Ray Data hands out object arrays of rows when a batch spans blocks padded to different widths; the
-worker turns every per-token column back into one padded array and trims padding-only columns.
+Rows arrive unpadded (`kdray.data.tokenize`: Ray Data hands a column of unequal rows out as an object
+array); the worker pads every per-token column once, to the longest row of its own micro-batch.
 """
 
 from __future__ import annotations
@@ -12,17 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from kdray.data.tokenize import TOKEN_COLUMNS
+from kdray.data.tokenize import TEACHER_RESPONSE_COLUMNS, TOKEN_COLUMNS
 
-#: per teacher-response-token columns of the cross-tokenizer signal: as wide as the longest teacher
-#: response of the batch, not the student's row (`kdray.losses.cross_tokenizer_term`)
-TEACHER_RESPONSE_COLUMNS = (
-    "xtok_topk_ids",
-    "xtok_topk_logprobs",
-    "xtok_token_logprobs",
-    "xtok_teacher_mask",
-    "xtok_teacher_group",
-)
 #: padding of the columns whose 0 means something (a group index: -1 = in no group)
 _FILL = {"xtok_student_group": -1, "xtok_teacher_group": -1}
 
@@ -38,17 +29,22 @@ def _stack(column: Any, width: int, fill: Any) -> np.ndarray:
 
 
 def regularize_batch(batch: Mapping[str, Any], pad_id: int) -> dict[str, Any]:
-    """Every per-token column as one array of width max(real tokens); other columns unchanged."""
-    lengths = [int(np.asarray(a, bool).sum()) for a in batch["attention_mask"]]
+    """Every per-token column as one right-padded array of width max(real tokens), with the
+    `attention_mask` of that padding; other columns unchanged. A row's real length is its
+    `attention_mask` sum where the batch has one (rows padded already), else its `input_ids` length."""
+    masks = batch.get("attention_mask")
+    ids = batch["input_ids"]
+    lengths = [int(np.asarray(m, bool).sum()) for m in masks] if masks is not None else [len(r) for r in ids]
     width = max(lengths) if lengths else 0
     out = dict(batch)
     for key in TOKEN_COLUMNS:
-        if key in batch:
+        if key in batch and key != "attention_mask":
             fill = pad_id if key == "input_ids" else _FILL.get(key, 0)
             out[key] = _stack(batch[key], width, fill)
+    out["attention_mask"] = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
     for key in TEACHER_RESPONSE_COLUMNS:
         if key in batch:
-            longest = max((len(np.asarray(r)) for r in batch[key]), default=0)
+            longest = max((len(np.asarray(r)) for r in batch[key]), default=1)
             out[key] = _stack(batch[key], longest, _FILL.get(key, 0))
     return out
 

@@ -142,31 +142,35 @@ def reads_teacher(cfg: Any) -> bool:
     )
 
 
-def build_datasets(
-    cfg: Any,
-    train_records: Sequence[Mapping[str, Any]],
-    eval_records: Sequence[Mapping[str, Any]],
-    *,
-    teacher_path: str | None,
-    tokenizer_path: str,
-    signal_dataset: Any = None,
-    progress: Any = None,
-) -> tuple[Any, Any]:
-    """(train, eval) Ray Datasets. `signal_dataset` (e.g. read from the signal cache) replaces scoring;
-    `progress` (a TeacherProgress actor) counts the rows the teacher scores."""
+def _tokenize_options(cfg: Any) -> dict[str, Any]:
+    d = cfg.data
+    return {"max_prompt_tokens": d.max_prompt_tokens, "max_response_tokens": d.max_response_tokens,
+            "chat_template": d.chat_template, "batch_size": cfg.train.batch_size}  # fmt: skip
+
+
+def eval_dataset(cfg: Any, eval_records: Sequence[Mapping[str, Any]], *, tokenizer_path: str) -> Any:
+    """The held-out split as a Ray Dataset, tokenized in this process (`pipeline.tokenized_here`)."""
     from kdray.data import pipeline
 
     pipeline.deterministic_order()
-    rows = cfg.train.batch_size
-    tok = {
-        "max_prompt_tokens": cfg.data.max_prompt_tokens,
-        "max_response_tokens": cfg.data.max_response_tokens,
-        "chat_template": cfg.data.chat_template,
-        "batch_size": rows,
-    }
-    eval_ds = pipeline.tokenized_here(eval_records, tokenizer_path, **tok)
-    if signal_dataset is not None:
-        return signal_dataset, eval_ds
+    return pipeline.tokenized_here(eval_records, tokenizer_path, **_tokenize_options(cfg))
+
+
+def train_dataset(
+    cfg: Any,
+    train_records: Sequence[Mapping[str, Any]],
+    *,
+    teacher_path: str | None,
+    tokenizer_path: str,
+    progress: Any = None,
+) -> Any:
+    """The training rows as a streaming Ray Dataset: teacher generations where the method trains on
+    them, tokenized, then the teacher's signal where the method reads one. `progress` (a
+    TeacherProgress actor) counts the rows the teacher scores. A run reading the signal cache skips this."""
+    from kdray.data import pipeline
+
+    pipeline.deterministic_order()
+    rows, tok = cfg.train.batch_size, _tokenize_options(cfg)
     train = pipeline.records_dataset(train_records, block_rows=rows)
     t = cfg.teacher
     placement = {
@@ -190,7 +194,7 @@ def build_datasets(
             cross=cross_signal_options(cfg, tokenizer_path),
             **placement,
         )
-    return train, eval_ds
+    return train
 
 
 def cross_signal_options(cfg: Any, student_tokenizer: str) -> dict[str, Any] | None:
@@ -260,10 +264,12 @@ def distill(
         tokenizers=0 if signal_dataset is not None else 1,
     )  # fmt: skip
     progress = progress_actor() if signal_dataset is None and needs_signal(cfg) else None
-    train_ds, eval_ds = build_datasets(
-        cfg, train_records, eval_records, teacher_path=teacher_path, tokenizer_path=tokenizer_path,
-        signal_dataset=signal_dataset, progress=progress,
-    )  # fmt: skip
+    eval_ds = eval_dataset(cfg, eval_records, tokenizer_path=tokenizer_path)
+    train_ds = signal_dataset
+    if train_ds is None:
+        train_ds = train_dataset(
+            cfg, train_records, teacher_path=teacher_path, tokenizer_path=tokenizer_path, progress=progress
+        )
     live = signal_dataset is None and (needs_signal(cfg) or needs_generations(cfg))
     train_ds = kept_for_epochs(cfg, train_ds, len(train_records), live=live)
     spec = loop_spec(cfg, teacher_path=teacher_path, metrics_path=metrics_path, export_path=export_path)

@@ -25,7 +25,7 @@ def teacher_outputs_step(ctx: StepContext, data: StepResult, teacher: StepResult
     teacher's generations for SeqKD / sequence-level X-KD); every later run or Tune trial reads it."""
     from kdray.data.cache import SignalCache, signal_cache_key
     from kdray.models.loading import load_model_config
-    from kdray.train.trainer import build_datasets, needs_generations, needs_signal, student_records
+    from kdray.train.trainer import needs_generations, needs_signal, student_records, train_dataset
     from kdray.validate import teacher_temperature
 
     cfg = ctx.cfg
@@ -41,10 +41,12 @@ def teacher_outputs_step(ctx: StepContext, data: StepResult, teacher: StepResult
         data=f"{data.key}:{ctx.key}", version=__version__,
     )  # fmt: skip
     cache = SignalCache(ctx.directory / "signal")
-    train_ds, _ = build_datasets(  # the rows the student reads (train.max_examples), in data order
-        cfg, student_records(cfg, read_jsonl(data.outputs["train"])), read_jsonl(data.outputs["eval"])[:1],
-        teacher_path=t_path, tokenizer_path=t_path,
-    )  # fmt: skip
+    train_ds = train_dataset(  # the rows the student reads (train.max_examples), in data order
+        cfg,
+        student_records(cfg, read_jsonl(data.outputs["train"])),
+        teacher_path=t_path,
+        tokenizer_path=t_path,
+    )
     started = time.time()
     vocab = int(load_model_config(t_path).vocab_size)
     rows = cache.write(train_ds, key, vocab_size=vocab, meta={"teacher": t_path, "generations": generations})
