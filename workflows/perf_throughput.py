@@ -116,8 +116,8 @@ def run_kdray(settings: dict[str, Any], *, live: bool) -> dict[str, Any]:
         row = json.loads(line)
         last[row["step"]] = row  # a replayed step is logged again: the last line wins
     steps = [last[s] for s in sorted(last)]
-    return {"losses": [r["loss"] for r in steps], "tokens": sum(r["step_tokens"] for r in steps),
-            "last_step_at": steps[-1]["step_done_at"]}  # fmt: skip
+    return {"losses": [r["loss"] for r in steps], "step_tokens": [r["step_tokens"] for r in steps],
+            "step_done_at": [r["step_done_at"] for r in steps]}  # fmt: skip
 
 
 def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
@@ -150,11 +150,11 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
         def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    seen: dict[str, Any] = {"losses": [], "last_step_at": None}
+    seen: dict[str, Any] = {"losses": [], "step_done_at": []}
 
     class Record(TrainerCallback):
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            seen["last_step_at"] = time.time()
+            seen["step_done_at"].append(time.time())
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
@@ -179,24 +179,34 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
         callbacks=[Record()],
     )  # fmt: skip
     trainer.train()
-    tokens = sum(len(e["input_ids"]) for e in examples[: settings["batch"] * settings["steps"]])
-    return {"losses": seen["losses"], "tokens": tokens, "last_step_at": seen["last_step_at"]}
+    b = settings["batch"]
+    tokens = [
+        sum(len(e["input_ids"]) for e in examples[i * b : (i + 1) * b]) for i in range(settings["steps"])
+    ]
+    return {"losses": seen["losses"], "step_tokens": tokens, "step_done_at": seen["step_done_at"]}
 
 
 def child(system: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """One system in this (fresh) process: its result, timed from the process's creation."""
+    """One system in this (fresh) process: its result, timed from the process's creation. Besides the
+    headline (tokens over the wall time to the last step), the time to the end of the first step (start-up
+    plus one step) and the steady rate after it (steps 2..N over the time between the first and the last
+    step's end), so a short run's start-up and the per-step speed can be read apart."""
     import psutil
 
     born = psutil.Process().create_time()
     if system == "cache":
         return write_cache(settings)
     out = run_trl(settings) if system == "trl" else run_kdray(settings, live=system == "kdray-live")
-    wall = out["last_step_at"] - born
+    done, tokens = out["step_done_at"], out["step_tokens"]
+    wall = done[-1] - born
+    steady = sum(tokens[1:]) / (done[-1] - done[0]) if len(done) > 1 and done[-1] > done[0] else None
     return {
         "losses": out["losses"],
-        "tokens": out["tokens"],
+        "tokens": sum(tokens),
         "wall_s": wall,
-        "tokens_per_s": out["tokens"] / wall,
+        "tokens_per_s": sum(tokens) / wall,
+        "first_step_s": done[0] - born,
+        "steady_tokens_per_s": steady,
     }
 
 
@@ -264,31 +274,41 @@ def throughput(
     return rows
 
 
-def report(path: Path) -> str:
-    """The throughput table of the latest run in `path`: one line per system and allocator, with the
-    ratio of tokens/s to TRL's under the same allocator."""
+def report(path: Path, quick: bool = True) -> str:
+    """The throughput table of the latest `--quick` (or full) run in `path`: one line per system and
+    allocator, with the ratio of tokens/s to TRL's under the same allocator."""
     from kdray.results import read_rows
 
-    rows = [r for r in read_rows(path) if r.get("bench") == "throughput"]
+    rows = [r for r in read_rows(path) if r.get("bench") == "throughput" and r["quick"] == quick]
     if not rows:
         raise ValueError(
-            f"{path}: no throughput rows; run python workflows/benchmark_perf.py --throughput --quick"
+            f"{path}: no throughput rows; run python workflows/benchmark_perf.py --throughput"
+            + (" --quick" if quick else "")
         )
     last = rows[-1]
     rows = [r for r in rows if r["commit"] == last["commit"] and r["quick"] == last["quick"]][
         -2 * len(SYSTEMS) :
     ]
-    trl = {r["allocator"]: r["tokens_per_s"] for r in rows if r["system"] == "trl"}
+    trl = {r["allocator"]: r for r in rows if r["system"] == "trl"}
+
+    def vs_trl(r: dict[str, Any], key: str) -> str:
+        base = trl.get(r["allocator"], {}).get(key)
+        return f"{r[key] / base:.2f}x" if r.get(key) and base else "–"
+
+    def num(value: Any, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
     lines = [
-        "| system | allocator | tokens/s (start to last step) | vs TRL | wall s | step-0 loss | final loss "
-        "| peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| system | allocator | tokens/s (start to last step) | vs TRL | wall s | first step done at s "
+        "| tokens/s after step 1 | vs TRL | step-0 loss | final loss | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ratio = r["tokens_per_s"] / trl[r["allocator"]] if trl.get(r["allocator"]) else float("nan")
         lines.append(
-            f"| {r['system']} | {r['allocator']} | {r['tokens_per_s']:.1f} | {ratio:.2f}x | {r['wall_s']:.0f} "
-            f"| {r['step0_loss']:.4f} | {r['final_loss']:.4f} | {r['peak_rss_mib']:,} |"
+            f"| {r['system']} | {r['allocator']} | {r['tokens_per_s']:.1f} | {vs_trl(r, 'tokens_per_s')} "
+            f"| {r['wall_s']:.0f} | {num(r.get('first_step_s'), '.0f')} | {num(r.get('steady_tokens_per_s'), '.1f')} "
+            f"| {vs_trl(r, 'steady_tokens_per_s')} | {r['step0_loss']:.4f} | {r['final_loss']:.4f} "
+            f"| {r['peak_rss_mib']:,} |"
         )
     s = last["settings"]
     cached = next((r.get("teacher_pass_s") for r in rows if r.get("teacher_pass_s")), None)

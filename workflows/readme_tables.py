@@ -204,6 +204,9 @@ TABLES: dict[str, Callable[[], str]] = {
     ),
     "loss_memory": lambda: _workflow("benchmark_perf").report(ROOT / "benchmarks" / "perf.jsonl"),
     "throughput": lambda: _workflow("perf_throughput").report(ROOT / "benchmarks" / "perf.jsonl"),
+    "throughput_full": lambda: _workflow("perf_throughput").report(
+        ROOT / "benchmarks" / "perf.jsonl", quick=False
+    ),
     "cache_read": lambda: _workflow("benchmark_cache").report(ROOT / "benchmarks" / "cache_read.jsonl"),
 }
 
