@@ -306,7 +306,11 @@ def distill(
             logging_config=ray.train.LoggingConfig(log_level=ray_train_log_level()),
         ),
         datasets={"train": train_ds, "eval": eval_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "eval"]),
+        # one worker reads each dataset whole, in its own process: a split would add a coordinator actor
+        # per dataset (a process start each, before the first batch) and divide nothing
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train", "eval"] if cfg.train.num_workers > 1 else []
+        ),
     )
     try:
         result = trainer.fit()
