@@ -57,6 +57,7 @@ def test_throughput_rows_side_by_side_and_kdray_matches_trl_on_the_first_step(tm
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
     # start-up and the steady rate read apart: the first step ends before the last, after the process began
     assert all(0 < r["first_step_s"] < r["wall_s"] and r["steady_tokens_per_s"] > 0 for r in rows)
+    assert all(0 < r["mfu"] < 1 for r in rows), "MFU: 6 N tokens/s over the matmul peak measured in the run"
     out = tmp_path / "perf.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = pt.report(out)

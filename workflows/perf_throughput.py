@@ -80,6 +80,30 @@ def kdray_config(settings: dict[str, Any], *, live: bool) -> Any:
     }, "<throughput benchmark>")  # fmt: skip
 
 
+def measure_peak(settings: dict[str, Any]) -> dict[str, Any]:
+    """The machine's float32 matmul peak on the benchmark's 2 threads (FLOP/s: the best of 5 products of
+    two 2048 x 2048 matrices) and the student's parameter count N: the terms of each row's MFU,
+    6·N·tokens/s ÷ peak (the model FLOPs of a training step per token, PaLM's definition: work an
+    implementation skips, such as kdray's logits at prompt positions, is not subtracted)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool, allocator
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    student = AutoModelForCausalLM.from_pretrained(settings["student"])
+    return {
+        "matmul_peak_flops": 2 * n**3 / best,
+        "student_params": sum(p.numel() for p in student.parameters()),
+    }
+
+
 def write_cache(settings: dict[str, Any]) -> dict[str, Any]:
     """kdray-cached's teacher pass, once: the signal of every row in the cache (timed apart)."""
     from kdray.run import init_ray
@@ -196,6 +220,8 @@ def child(system: str, settings: dict[str, Any]) -> dict[str, Any]:
     born = psutil.Process().create_time()
     if system == "cache":
         return write_cache(settings)
+    if system == "peak":
+        return measure_peak(settings)
     out = run_trl(settings) if system == "trl" else run_kdray(settings, live=system == "kdray-live")
     done, tokens = out["step_done_at"], out["step_tokens"]
     wall = done[-1] - born
@@ -257,6 +283,7 @@ def throughput(
                 "cache_dir": str(workdir / f"cache-{time.time_ns()}"), **overrides}  # fmt: skip
     base = {**cpu_kernel_env(), "OMP_NUM_THREADS": "2"}
     cache = spawn("cache", settings, base)
+    peak = spawn("peak", settings, base)
     rows = []
     print(f"[throughput] {'quick' if quick else 'full'}: {SYSTEMS} x {list(allocators)}; cached teacher pass "
           f"{cache['teacher_pass_s']:.0f} s", flush=True)  # fmt: skip
@@ -266,12 +293,19 @@ def throughput(
             row = {"bench": "throughput", "system": system, "allocator": allocator, "quick": quick,
                    **measured, "step0_loss": measured["losses"][0], "final_loss": measured["losses"][-1],
                    **({"teacher_pass_s": cache["teacher_pass_s"]} if system == "kdray-cached" else {}),
+                   "matmul_peak_flops": peak["matmul_peak_flops"], "student_params": peak["student_params"],
+                   "mfu": _mfu(measured.get("steady_tokens_per_s"), peak),
                    "settings": {k: v for k, v in settings.items() if k not in ("workdir", "cache_dir")},
                    **provenance(0)}  # fmt: skip
             print(json.dumps({k: row[k] for k in ("system", "allocator", "tokens_per_s", "step0_loss",
                                                   "final_loss", "peak_rss_mib")}), flush=True)  # fmt: skip
             rows.append(row)
     return rows
+
+
+def _mfu(tokens_per_s: float | None, peak: dict[str, Any]) -> float | None:
+    """Model FLOP utilisation of the student's training steps after the first (see `measure_peak`)."""
+    return None if not tokens_per_s else 6 * peak["student_params"] * tokens_per_s / peak["matmul_peak_flops"]
 
 
 def report(path: Path, quick: bool = True) -> str:
@@ -300,14 +334,15 @@ def report(path: Path, quick: bool = True) -> str:
 
     lines = [
         "| system | allocator | tokens/s (start to last step) | vs TRL | wall s | first step done at s "
-        "| tokens/s after step 1 | vs TRL | step-0 loss | final loss | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens/s after step 1 | vs TRL | MFU after step 1 | step-0 loss | final loss | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['system']} | {r['allocator']} | {r['tokens_per_s']:.1f} | {vs_trl(r, 'tokens_per_s')} "
             f"| {r['wall_s']:.0f} | {num(r.get('first_step_s'), '.0f')} | {num(r.get('steady_tokens_per_s'), '.1f')} "
-            f"| {vs_trl(r, 'steady_tokens_per_s')} | {r['step0_loss']:.4f} | {r['final_loss']:.4f} "
+            f"| {vs_trl(r, 'steady_tokens_per_s')} | {num(r.get('mfu'), '.0%')} | {r['step0_loss']:.4f} "
+            f"| {r['final_loss']:.4f} "
             f"| {r['peak_rss_mib']:,} |"
         )
     s = last["settings"]
@@ -320,6 +355,13 @@ def report(path: Path, quick: bool = True) -> str:
         + (
             f"; kdray-cached's teacher pass ({cached:.0f} s) ran before it and is not counted"
             if cached
+            else ""
+        )
+        + (
+            f"; MFU = 6·N·tokens/s ÷ the float32 matmul peak measured in the same run "
+            f"({last['matmul_peak_flops'] / 1e9:.0f} GFLOP/s on 2 threads; N = {last['student_params'] / 1e6:.1f}M "
+            "student parameters), data waits included"
+            if last.get("matmul_peak_flops")
             else ""
         )
         + f". From `{path.name}`: `python workflows/benchmark_perf.py --throughput"
