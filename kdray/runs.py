@@ -76,11 +76,17 @@ def git_commit(path: str | Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
-def retry(fn: Callable[[], Any], *, what: str, attempts: int = 1_000, timeout_s: float = math.inf) -> Any:
+def retry(
+    fn: Callable[[], Any], *, what: str, attempts: int | None = None, timeout_s: float | None = None
+) -> Any:
     """`fn()`, tried up to `attempts` times 2, 4, 8... s apart (at most 60 s) while the next try starts
     within `timeout_s`; an error no retry can fix is raised at once. For the calls that must block
-    (creating or finding a run, registering a model), unlike logging, which the spool retries."""
-    deadline = time.monotonic() + timeout_s
+    (creating or finding a run, registering a model), unlike logging, which the spool retries. One of
+    the two bounds is required: a blocking call never waits without one."""
+    if attempts is None and timeout_s is None:
+        raise TypeError(f"retry({what!r}): give attempts= or timeout_s=, or it could wait forever")
+    attempts = attempts if attempts is not None else 1_000_000
+    deadline = time.monotonic() + (timeout_s if timeout_s is not None else math.inf)
     for attempt in range(1, attempts + 1):
         try:
             return fn()

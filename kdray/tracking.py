@@ -225,7 +225,8 @@ class Tracker:
                 self._file.write(line)
                 self._file.flush()
             except (OSError, ValueError) as err:
-                return logger.warning("tracking call lost: could not write the spool %s: %s", self._log, err)
+                logger.warning("tracking call lost: could not write the spool %s: %s", self._log, err)
+                return
             self._written += len(line)
 
     def _append(self, op: str, items: dict[str, Any], **extra: Any) -> None:
@@ -244,7 +245,8 @@ class Tracker:
             write(folder / Path(artifact_file).name)
         except OSError as err:
             shutil.rmtree(folder, ignore_errors=True)
-            return logger.warning("artifact %s not logged: %s", artifact_file, err)
+            logger.warning("artifact %s not logged: %s", artifact_file, err)
+            return
         where = Path(artifact_file).parent.as_posix()
         record = {"op": "artifact", "folder": folder.name, "artifact_path": None if where == "." else where}
         self._append_line(_line(record))
@@ -334,7 +336,9 @@ class Tracker:
             if not is_permanent(err):
                 raise
             if len(unit) > 1:  # one bad record: send the others one by one
-                return [self._deliver([record]) for record in unit] and None
+                for record in unit:
+                    self._deliver([record])
+                return
             logger.warning(
                 "MLflow rejected a %s record of run %s; dropped: %s", unit[0][1].get("op"), self.run_id, err
             )

@@ -18,7 +18,7 @@ import torch
 
 from kdray.config import ConfigError, config_from_dict, load_config, with_overrides
 from kdray.data import generate_arithmetic
-from kdray.data.tokenize import Tokenize
+from kdray.data.tokenize import Tokenize, unpadded
 from kdray.losses import build_objective
 from kdray.losses.alignment import response_groups
 from kdray.losses.cross_tokenizer import gold_loss, uld_batch, vocab_map
@@ -223,13 +223,36 @@ def pair(bpe, chars):
     return teacher, student
 
 
-def scored_batch(teacher, chars, rows, max_response=MAX_RESPONSE):
+def signal_batch(teacher, chars, rows, max_response=MAX_RESPONSE):
+    """The cross-tokenizer signal of `rows` as the scoring actor computes it (padded to the batch)."""
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("prompt", "response")}
     tokenized = Tokenize(chars, max_prompt_tokens=MAX_PROMPT, max_response_tokens=max_response)(batch)
     signal = CrossTokenizerSignal(
         teacher, chars, max_prompt_tokens=MAX_PROMPT, max_response_tokens=max_response
     )
-    return regularize_batch(signal(tokenized), chars.pad_token_id)
+    return signal(tokenized)
+
+
+def scored_batch(teacher, chars, rows, max_response=MAX_RESPONSE):
+    """What the worker trains on: the signal cut to each row as it leaves the actor, padded once."""
+    return regularize_batch(unpadded(signal_batch(teacher, chars, rows, max_response)), chars.pad_token_id)
+
+
+def test_cutting_the_signal_to_its_rows_loses_nothing(pair, chars, records):
+    """Student columns cut to the student's tokens, teacher columns to the teacher's: padded again by the
+    worker, every column equals the actor's padded batch."""
+    teacher, _ = pair
+    rows = records[0][:5]
+    padded = signal_batch(teacher, chars, rows)
+    cut = unpadded(padded)
+    assert [len(r) for r in cut["xtok_topk_ids"]] == [int(m.sum()) for m in padded["xtok_teacher_mask"]]
+    assert len({len(r) for r in cut["input_ids"]}) > 1, "rows of different lengths, or nothing was cut"
+    direct = regularize_batch(padded, chars.pad_token_id)
+    again = regularize_batch(cut, chars.pad_token_id)
+    assert sorted(again) == sorted(direct)
+    for key, value in direct.items():
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            np.testing.assert_array_equal(again[key], value, err_msg=key)
 
 
 def reference_rows(teacher, student, chars, record, temperature=1.0):

@@ -605,3 +605,25 @@ def test_server_killed_mid_run_and_restarted_loses_nothing(server, tmp_path):
     assert run.info.status == "FINISHED"
     assert _artifact_paths(server.uri, tracker.run_id) == {"notes/outage.txt"}
     assert not (tmp_path / "spool").exists()
+
+
+def test_a_blocking_retry_stops_at_its_bound_and_refuses_to_have_none(monkeypatch):
+    """`kdray.runs.retry`: a transient error is retried until the deadline; a permanent one is raised at
+    once; a call with neither bound is refused rather than left to wait forever."""
+    from kdray import runs
+
+    sleeps, calls = [], []
+    monkeypatch.setattr(runs.time, "sleep", sleeps.append)
+
+    def down():
+        calls.append(1)
+        raise ConnectionError("refused")
+
+    with pytest.raises(ConnectionError):
+        runs.retry(down, what="x", timeout_s=7.0)
+    assert sleeps == [2, 4] and len(calls) == 3  # a third wait (8 s) would pass the 7 s deadline
+    with pytest.raises(ValueError, match="bad"):
+        runs.retry(lambda: (_ for _ in ()).throw(ValueError("bad")), what="x", attempts=5)
+    assert sleeps == [2, 4], "a permanent error is not retried"
+    with pytest.raises(TypeError, match="attempts= or timeout_s="):
+        runs.retry(down, what="x")

@@ -194,7 +194,8 @@ def _compact_batch(batch: Mapping[str, Any], vocab_size: int) -> Any:
     from kdray.teacher.signal_store import compact
 
     kept = {key: value for key, value in batch.items() if key not in NOT_CACHED}
-    out = unpadded(_per_column(kept, lambda cols: compact(cols, vocab_size)))  # rows as they came, at most
+    # rows come unpadded from the teacher's scorer; a source that still pads (has `attention_mask`) is cut
+    out = unpadded(_per_column(kept, lambda cols: compact(cols, vocab_size)))
     columns = {}
     for key, value in out.items():
         value = np.asarray(value)

@@ -32,6 +32,7 @@ __all__ = [
     "collate",
     "pad_id_of",
     "ragged",
+    "row_lengths",
     "tokenize_example",
     "unpadded",
 ]
@@ -117,13 +118,19 @@ def ragged(rows: Sequence[Any], dtype: Any = None) -> np.ndarray:
     return out
 
 
-def unpadded(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Every per-token column cut to each row's real tokens, `attention_mask` dropped (an unpadded row is
-    all real). A row's length is its `attention_mask` sum where the batch has one (right padding), else
-    the length of its `input_ids`: a teacher's signal padded to its batch comes back row by row."""
+def row_lengths(batch: Mapping[str, Any]) -> list[int]:
+    """Each row's real tokens: its `attention_mask` sum where the batch has one (rows right-padded), else
+    the length of its `input_ids` (rows unpadded, or a 2-D array of rows that happen to be equal)."""
     masks = batch.get("attention_mask")
-    ids = batch["input_ids"]
-    lengths = [int(np.asarray(m, bool).sum()) for m in masks] if masks is not None else [len(r) for r in ids]
+    if masks is not None:
+        return [int(np.asarray(m, bool).sum()) for m in masks]
+    return [len(r) for r in batch["input_ids"]]
+
+
+def unpadded(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Every per-token column cut to each row's real tokens (`row_lengths`), `attention_mask` dropped (an
+    unpadded row is all real): a teacher's signal padded to its batch comes back row by row."""
+    lengths = row_lengths(batch)
     out = {key: value for key, value in batch.items() if key != "attention_mask"}
     for key in TOKEN_COLUMNS:
         if key in out:

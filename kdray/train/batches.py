@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from kdray.data.tokenize import TEACHER_RESPONSE_COLUMNS, TOKEN_COLUMNS
+from kdray.data.tokenize import TEACHER_RESPONSE_COLUMNS, TOKEN_COLUMNS, row_lengths
 
 #: padding of the columns whose 0 means something (a group index: -1 = in no group)
 _FILL = {"xtok_student_group": -1, "xtok_teacher_group": -1}
@@ -30,11 +30,8 @@ def _stack(column: Any, width: int, fill: Any) -> np.ndarray:
 
 def regularize_batch(batch: Mapping[str, Any], pad_id: int) -> dict[str, Any]:
     """Every per-token column as one right-padded array of width max(real tokens), with the
-    `attention_mask` of that padding; other columns unchanged. A row's real length is its
-    `attention_mask` sum where the batch has one (rows padded already), else its `input_ids` length."""
-    masks = batch.get("attention_mask")
-    ids = batch["input_ids"]
-    lengths = [int(np.asarray(m, bool).sum()) for m in masks] if masks is not None else [len(r) for r in ids]
+    `attention_mask` of that padding (`row_lengths`); other columns unchanged."""
+    lengths = row_lengths(batch)
     width = max(lengths) if lengths else 0
     out = dict(batch)
     for key in TOKEN_COLUMNS:
@@ -44,7 +41,9 @@ def regularize_batch(batch: Mapping[str, Any], pad_id: int) -> dict[str, Any]:
     out["attention_mask"] = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
     for key in TEACHER_RESPONSE_COLUMNS:
         if key in batch:
-            longest = max((len(np.asarray(r)) for r in batch[key]), default=1)
+            # at least one position, as the teacher's signal has: a batch whose every teacher response
+            # was cut away (a prompt filling the teacher's context) keeps a (B, 1) all-False mask
+            longest = max([1, *(len(np.asarray(r)) for r in batch[key])])
             out[key] = _stack(batch[key], longest, _FILL.get(key, 0))
     return out
 
