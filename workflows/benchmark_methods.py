@@ -140,6 +140,13 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student-size", default="64x2", help="hidden x layers of the students")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--teacher-lr", type=float, default=None, help="the teacher's learning rate (default: --lr)"
+    )
+    parser.add_argument(
+        "--vocab", type=int, default=0,
+        help="0: the character tokenizer; N: a byte-level BPE of N tokens trained on the training split",
+    )  # fmt: skip
     parser.add_argument("--top-k", type=int, default=16)
     parser.add_argument("--max-prompt", type=int, default=160)
     parser.add_argument("--max-response", type=int, default=64)

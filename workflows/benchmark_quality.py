@@ -64,8 +64,16 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+#: arguments added after rows were recorded: in a hash only when set, so the older rows keep their keys
+OPTIONAL = ("vocab", "teacher_lr")
+
+
+def _optional(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in OPTIONAL if getattr(args, k)}
+
+
 def shape_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in SHAPE}
+    return {k: getattr(args, k) for k in SHAPE} | _optional(args)
 
 
 def teacher_key(args: argparse.Namespace) -> str:
@@ -83,7 +91,7 @@ def teacher_key(args: argparse.Namespace) -> str:
         "max_response",
         "data_seed",
     )
-    return "teacher-" + config_hash({k: getattr(args, k) for k in keys})
+    return "teacher-" + config_hash({k: getattr(args, k) for k in keys} | _optional(args))
 
 
 def row_key(args: argparse.Namespace, method: str, start: str, fraction: float, seed: int) -> str:
@@ -227,12 +235,15 @@ def run(args: argparse.Namespace) -> None:
     if retrained:
         print(f"[teacher] {args.teacher_size} from scratch, {args.teacher_steps} steps ({tkey})", flush=True)
         cfg = bm.student_config(
-            data_args,
+            argparse.Namespace(**{**vars(data_args), "lr": args.teacher_lr or args.lr}),
             teacher=None,
             method=bm.method_rows()["sft"],
             hidden=t_hidden,
             layers=t_layers,
             steps=args.teacher_steps,
+            student=bpe_start(train, workdir / tkey / "init", t_hidden, t_layers, args)
+            if args.vocab
+            else None,
         )
         teacher = distill(cfg, train, held_out, workdir=workdir / tkey, name="teacher").export_path
     if tkey not in done:
@@ -284,7 +295,10 @@ def run(args: argparse.Namespace) -> None:
                     layers=s_layers,
                     steps=sft_steps,
                 )
-                student = distill(cfg, rows, held_out, workdir=workdir / stage, name="sft").export_path
+                # the teacher's path gives the student its tokenizer (a BPE teacher's, on Multi30k)
+                student = distill(
+                    cfg, rows, held_out, workdir=workdir / stage, name="sft", teacher_path=str(teacher)
+                ).export_path
             steps, rows = args.student_steps - sft_steps, rotate(rows, sft_steps * args.batch_size)
         print(f"[{start} {method} seed {seed} data {fraction:g}] {steps} steps", flush=True)
         cfg = bm.student_config(
@@ -313,6 +327,23 @@ def run(args: argparse.Namespace) -> None:
         }
         record(row, seed)
     print(report(out, args.task))
+
+
+def bpe_start(
+    train: Sequence[dict[str, Any]], path: Path, hidden: int, layers: int, args: argparse.Namespace
+) -> str:
+    """The teacher's random start with a byte-level BPE of `--vocab` tokens trained on the training split's
+    prompts and responses (a subword vocabulary: a character-level teacher cannot learn translation in
+    the budget). The students are built with the teacher's tokenizer (`kdray.models.build`)."""
+    from kdray.models.bpe import bpe_tokenizer, save_bpe_checkpoint
+
+    texts = [text for r in train for text in (r["prompt"], r["response"])]
+    tokenizer = bpe_tokenizer(texts, vocab_size=args.vocab)
+    heads = max(1, hidden // 32)  # as `kdray.models.build` sizes the students
+    save_bpe_checkpoint(
+        path, tokenizer, seed=args.data_seed, hidden_size=hidden, num_layers=layers, num_heads=heads
+    )
+    return str(path)
 
 
 # ---- the table ------------------------------------------------------------------------------------------
