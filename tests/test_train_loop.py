@@ -143,6 +143,30 @@ def test_a_damaged_run_snapshot_resumes_from_the_latest_intact_checkpoint(tmp_pa
     np.testing.assert_allclose([h["loss"] for h in resumed], [h["loss"] for h in full[4:]], rtol=1e-5)
 
 
+def test_the_final_checkpoint_holds_no_optimizer_and_a_run_restored_from_it_only_exports(tmp_path):
+    """After the last step nothing is left to optimise: the final checkpoint keeps the weights and the
+    loop state (a third of the bytes with AdamW), and a worker restarted from it takes no step and exports
+    the trained weights."""
+    rows, run_dir = _rows(), tmp_path / "ray_train" / "distill"
+    run_dir.mkdir(parents=True)
+    spec = _spec(tmp_path / "m.jsonl", max_steps=4, checkpoint_every=2)
+    TrainingLoop(spec, Session(Rows(rows), keep_in=run_dir)).run()
+    middle, final = (torch.load(run_dir / f"checkpoint_00{s}" / "state.pt") for s in (2, 4))
+    assert {"optimizer", "scheduler"} <= set(middle) and not {"optimizer", "scheduler"} & set(final)
+    assert final["loop"]["step"] == 4
+    spec = _spec(tmp_path / "again.jsonl", max_steps=4, checkpoint_every=2, run_dir=run_dir)
+    spec.export_path = str(tmp_path / "student")
+    TrainingLoop(spec, Session(Rows(rows))).run()
+    assert not (tmp_path / "again.jsonl").exists()  # no step taken, none logged
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "student").state_dict()
+    trained = {k.removeprefix("lm."): v for k, v in final["student"].items() if k.startswith("lm.")}
+    assert trained.keys() == exported.keys()
+    for name, value in trained.items():
+        torch.testing.assert_close(exported[name], value)
+
+
 class SlowRows(Rows):
     """A shard whose every batch arrives `delay` seconds late (a teacher that cannot keep up)."""
 

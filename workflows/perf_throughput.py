@@ -223,6 +223,7 @@ def child(system: str, settings: dict[str, Any]) -> dict[str, Any]:
     if system == "peak":
         return measure_peak(settings)
     out = run_trl(settings) if system == "trl" else run_kdray(settings, live=system == "kdray-live")
+    returned = time.time() - born  # the training call is back: its last checkpoint and teardown are done
     done, tokens = out["step_done_at"], out["step_tokens"]
     wall = done[-1] - born
     steady = sum(tokens[1:]) / (done[-1] - done[0]) if len(done) > 1 and done[-1] > done[0] else None
@@ -232,6 +233,7 @@ def child(system: str, settings: dict[str, Any]) -> dict[str, Any]:
         "wall_s": wall,
         "tokens_per_s": sum(tokens) / wall,
         "first_step_s": done[0] - born,
+        "returned_s": returned,
         "steady_tokens_per_s": steady,
     }
 

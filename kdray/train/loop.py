@@ -143,27 +143,28 @@ def _restore(
     else:
         return
     student.load_state_dict(saved["student"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    if "optimizer" in saved:  # a final checkpoint has none: the run it restores has no step left
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
     state.load_state_dict(saved["loop"])
     torch.set_rng_state(saved["torch_rng"])
 
 
-def _checkpoint(student: Student, optimizer: Any, scheduler: Any, state: _State, session: Any) -> Any:
-    """Rank 0 writes the checkpoint; the other ranks report none (Ray merges them into one)."""
+def _checkpoint(
+    student: Student, optimizer: Any, scheduler: Any, state: _State, session: Any, *, final: bool = False
+) -> Any:
+    """Rank 0 writes the checkpoint; the other ranks report none (Ray merges them into one).
+
+    The `final` one (after the last step) leaves out the optimizer and scheduler: a run restored from it
+    has no step left to take, only its export, and AdamW's two moments are twice the model's size, written
+    here and copied again into Ray Train's storage while the user waits for `fit()` to return."""
     if session.rank != 0:
         return None
     directory = tempfile.mkdtemp(prefix="kdray-ckpt-")
-    torch.save(
-        {
-            "student": student.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "loop": state.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        },
-        Path(directory) / "state.pt",
-    )
+    saved = {"student": student.state_dict(), "loop": state.state_dict(), "torch_rng": torch.get_rng_state()}
+    if not final:
+        saved |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    torch.save(saved, Path(directory) / "state.pt")
     return session.make_checkpoint(directory)
 
 
@@ -407,7 +408,9 @@ class TrainingLoop:
         if not (ckpt_now or eval_now or step % spec.log_every == 0):
             return
         checkpoint = (
-            _checkpoint(_unwrap(self.student), self.optimizer, self.scheduler, state, self.session)
+            _checkpoint(
+                _unwrap(self.student), self.optimizer, self.scheduler, state, self.session, final=last
+            )
             if ckpt_now
             else None
         )
