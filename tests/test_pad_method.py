@@ -252,6 +252,7 @@ def test_pad_rows_sample_the_initial_student_and_score_with_the_teacher(ray_sess
     from kdray.models.build import build_student
     from kdray.teacher import Teacher
     from kdray.train.pad_data import pad_rows, prompt_seed
+    from kdray.train.trainer import teacher_pool
 
     cfg = config_from_dict(
         {
@@ -262,7 +263,8 @@ def test_pad_rows_sample_the_initial_student_and_score_with_the_teacher(ray_sess
         }
     )
     records = generate_arithmetic(10, seed=1, difficulty=1)
-    data = pad_rows(cfg, records, teacher_path=tiny_teacher)
+    with teacher_pool(cfg, tiny_teacher) as pool:
+        data = pad_rows(cfg, records, teacher_path=tiny_teacher, teacher=pool)
     assert data.stats["prompts_sampled"] == 4  # 2 groups needed, a quarter more, plus one
     # every kept prompt, in whole global batches (the loop reads the first max_steps of them)
     assert data.stats["prompts_kept"] + data.stats["dropped_duplicates"] + data.stats["dropped_empty"] == 4
@@ -301,6 +303,7 @@ def test_pad_rows_judge_the_students_text_with_a_teacher_of_another_tokenizer(ra
     from kdray.teacher import Teacher
     from kdray.teacher.preflight import VocabularyMismatchError, preflight_config
     from kdray.train.pad_data import pad_rows
+    from kdray.train.trainer import teacher_pool
 
     records = generate_arithmetic(10, seed=1, difficulty=1)
     bpe = bpe_tokenizer([f"{r['prompt']}\n{r['response']}" for r in generate_arithmetic(200, seed=2)], 320)
@@ -318,7 +321,8 @@ def test_pad_rows_judge_the_students_text_with_a_teacher_of_another_tokenizer(ra
     preflight_config(cfg, teacher_dir)  # PAD's declaration: text only, so the pair is accepted
     with pytest.raises(VocabularyMismatchError):  # a method on one vocabulary is refused
         preflight_config(with_overrides(cfg, {"objective.method": "supervised_kd"}), teacher_dir)
-    data = pad_rows(cfg, records, teacher_path=teacher_dir)
+    with teacher_pool(cfg, teacher_dir) as pool:
+        data = pad_rows(cfg, records, teacher_path=teacher_dir, teacher=pool)
     groups = len(data.rows) // 4
     assert groups >= 2
     teacher = Teacher(teacher_dir, temperature=1.0, top_k=1)

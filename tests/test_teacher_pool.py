@@ -135,6 +135,40 @@ def test_results_through_the_pool_equal_the_plain_teacher(pools, local):
     )
 
 
+def test_a_client_answers_as_the_plain_teacher_from_its_preferred_replica(pools, local):
+    """`TeacherClient` (what a run's Ray Data stages and PAD's judge hold): the Teacher's answers and its
+    text side (tokenizer, prompt encoding, context) with no model loaded, its first request on the
+    replica it prefers."""
+    from kdray.teacher.client import TeacherClient
+
+    client = TeacherClient(pools.main.handles, prefer=1, name="client")
+    try:
+        [seqs] = _requests(1, seed=3)
+        _assert_same_signal(client.score(seqs, 3, [5] * 4), local.a.score(seqs, k=3, prompt_lengths=[5] * 4))
+        served = [r["served"] for r in client.pool.stats()["replicas"]]
+        pids = [r["pid"] for r in client.pool.health_check(timeout_s=60)]
+        assert served == [1, 0] and pids[0] == pools.main.health_check(timeout_s=60)[1]["pid"]
+        batch = {"input_ids": seqs}
+        got = client(batch)
+        assert got["input_ids"] is seqs  # the batch's own columns stay here; only the signal crossed
+        _assert_same_signal({k: got[k] for k in local.a.logprobs(batch)}, local.a.logprobs(batch))
+        prompts = ["2+3=", "Ein Hund läuft."]
+        assert client.generate(prompts, temperature=0.0, max_new_tokens=8) == local.a.generate(
+            prompts, temperature=0.0, max_new_tokens=8
+        )
+        np.testing.assert_allclose(
+            client.reward(prompts, ["5", "x"]), local.a.reward(prompts, ["5", "x"]), rtol=1e-6
+        )
+        assert [client.encode_prompt(p) for p in prompts] == [local.a.encode_prompt(p) for p in prompts]
+        assert (client.max_length, client.vocab_size, client.top_k) == (
+            local.a.max_length, local.a.vocab_size, local.a.top_k,
+        )  # fmt: skip
+        assert client.tokenizer.get_vocab() == local.a.tokenizer.get_vocab()
+    finally:
+        client.close()
+    assert all(r["alive"] for r in pools.main.health_check(timeout_s=60)), "a client leaves the replicas"
+
+
 def test_teacher_errors_reach_the_caller_without_retries(pools):
     retries = pools.main.retries
     with pytest.raises(ValueError, match="empty batch"):

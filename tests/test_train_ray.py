@@ -74,14 +74,15 @@ def one_worker(ray_session, teacher_path, records, tmp_path_factory):
 def test_workers_that_leave_no_cpu_for_the_tokenizers_are_refused_before_any_actor(
     ray_session, teacher_path, records, tmp_path
 ):
-    """5 worker CPUs + 1 teacher scorer fill the session's 6 CPUs: the train split's tokenizing actor
-    (0.25 CPU; the eval split is tokenized in the driver) could never be placed, and Ray would wait for
-    it without a word."""
+    """5 worker CPUs + 1 teacher replica fill the session's 6 CPUs: the train split's tokenizing actor
+    and the signal stage's client of the teacher pool (0.25 CPU each; the eval split is tokenized in the
+    driver) could never be placed, and Ray would wait for them without a word."""
     cfg = make_cfg(teacher_path, cpus_per_worker=5)
     with pytest.raises(RuntimeError, match="cannot place all its actors") as err:
         distill(cfg, *records, workdir=tmp_path / "w", teacher_path=teacher_path)
-    assert "CPU: needs 6.25, the cluster has 6" in str(err.value)
+    assert "CPU: needs 6.5, the cluster has 6" in str(err.value)
     assert "1 tokenizer(s)" in str(err.value) and "train.cpus_per_worker" in str(err.value)
+    assert "1 teacher client(s) per replica" in str(err.value)
     assert not any((tmp_path / "w").rglob("*")), "refused before the run wrote anything"
 
 
@@ -178,16 +179,18 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes_exactly(
 
 def test_signal_cache_round_trip_feeds_training(ray_session, teacher_path, records, tmp_path):
     from kdray.data.cache import SignalCache
-    from kdray.train.trainer import train_dataset
+    from kdray.train.trainer import teacher_pool, train_dataset
 
     cfg = make_cfg(teacher_path, steps=2)
-    live = train_dataset(cfg, records[0][:32], teacher_path=teacher_path, tokenizer_path=teacher_path)
     cache = SignalCache(tmp_path / "cache")
-    assert cache.write(live, "k1", vocab_size=200, meta={"teacher": teacher_path}) == 32
+    with teacher_pool(cfg, teacher_path) as pool:
+        live = train_dataset(cfg, records[0][:32], teacher=pool, tokenizer_path=teacher_path)
+        assert cache.write(live, "k1", vocab_size=200, meta={"teacher": teacher_path}) == 32
+        again = live.take_all()
     assert cache.complete("k1") and cache.metadata("k1")["rows"] == 32
     # one file for these 32 rows (not one per scoring batch), read back in the order they were scored
     assert len(cache.files("k1")) == 1
-    cached, again = cache.read("k1").take_all(), live.take_all()
+    cached = cache.read("k1").take_all()
     assert [r["id"] for r in cached] == [r["id"] for r in again] == [r["id"] for r in records[0][:32]]
     for a, b in zip(cached, again, strict=True):
         # a row carries its real tokens only, as scored and as cached: no padding crosses
@@ -215,15 +218,17 @@ def test_signal_cache_round_trip_feeds_training(ray_session, teacher_path, recor
 
 
 def test_a_run_whose_actors_cannot_all_be_placed_is_refused(ray_session, teacher_path, records, tmp_path):
-    # GKD streams the signal (scorers) and scores student samples (TeacherPool); with the two
-    # train split's tokenizing actor: 1 + 0.25 + 2 x 4 x 2 = 17.25 CPUs > 6
+    # GKD streams the signal and scores student samples, both from the run's one TeacherPool (4 replicas
+    # of 2 CPUs), with the signal stage's 4 clients and the train split's tokenizing actor:
+    # 1 + 0.25 + 4 x 2 + 4 x 0.25 = 10.25 CPUs > 6 (two sets of replicas would have been 17.25)
     cfg = with_overrides(
         make_cfg(teacher_path),
         {"objective.method": "gkd", "objective.on_policy_fraction": 0.5, "teacher.replicas": 4,
          "teacher.num_cpus": 2},
     )  # fmt: skip
     with pytest.raises(
-        RuntimeError, match=r"CPU: needs 17\.25, the cluster has 6.*1 tokenizer.*on-policy TeacherPool"
+        RuntimeError,
+        match=r"CPU: needs 10\.25, the cluster has 6.*1 tokenizer.*the TeacherPool, 1 teacher client",
     ):
         distill(cfg, *records, workdir=tmp_path, teacher_path=teacher_path)
 

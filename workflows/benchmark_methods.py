@@ -188,9 +188,9 @@ def main() -> None:
 
     from kdray.run import init_ray
 
-    # first, before torch loads: the CPU kernel pins give the same rows on any x86 machine. On-policy
-    # methods hold a TeacherPool and the Ray Data teacher scorers beside the training worker: three
-    # 1-CPU actors, which a 2-core machine runs oversubscribed (init_ray's local Ray has >= 4 CPUs)
+    # first, before torch loads: the CPU kernel pins give the same rows on any x86 machine. A run holds
+    # its TeacherPool (1 CPU), its Ray Data clients and tokenizer (slivers) beside the training worker,
+    # which a 2-core machine runs oversubscribed (init_ray's local Ray has >= 4 CPUs)
     init_ray(quiet=True)
     from kdray.results import ResumableResults
     from kdray.train.trainer import distill

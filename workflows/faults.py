@@ -71,10 +71,11 @@ from fault_runs import (  # noqa: E402
 
 
 def teacher_killed(bench: Bench) -> dict[str, Any]:
-    """SIGKILL the Ray Data teacher actor (TeacherScorer) while it streams the signal, after step 1."""
+    """SIGKILL the run's teacher replica (its TeacherPool's one actor) while it streams the signal, after
+    step 1."""
 
     def kill(_: dict[str, Any]) -> int:
-        pid = own_process("TeacherScorer")
+        pid = own_process("ray::Teacher")  # the replica; the Ray Data client is a `MapWorker(...)`
         os.kill(pid, signal.SIGKILL)
         return pid
 
@@ -87,7 +88,7 @@ def teacher_killed(bench: Bench) -> dict[str, Any]:
         "injected_at_step": fault.get("at_step"),
         "detail": detail(run, fault, f"teacher actor SIGKILLed after step {fault.get('at_step')}, while "
                           f"{STEPS * ROWS - final.get('teacher_rows_before_first_step', 0)} of {STEPS * ROWS} rows were "
-                          f"still to score at step 1; Ray Data restarted it and re-sent its batch "
+                          f"still to score at step 1; Ray restarted it and the pool re-sent the request it held "
                           f"({final.get('teacher_rows_scored')} rows scored in all, counted on completion)"),
         **compare(bench.metrics("teacher_killed"), bench.clean()),
     }  # fmt: skip
@@ -109,13 +110,14 @@ def worker_killed(bench: Bench) -> dict[str, Any]:
 def nan_loss(bench: Bench) -> dict[str, Any]:
     """The teacher's signal turns NaN for every row from step NAN_FROM on (a Ray Data map over the live
     signal): each step's loss is NaN, skipped, and the tenth in a row stops the run."""
-    from kdray.train.trainer import train_dataset
+    from kdray.train.trainer import teacher_pool, train_dataset
 
     cfg = train_cfg(bench.teacher)
     bad = [r["id"] for r in bench.train[(NAN_FROM - 1) * ROWS :]]
-    live = train_dataset(cfg, bench.train, teacher_path=bench.teacher, tokenizer_path=bench.teacher)
-    poisoned = live.map_batches(_poison, fn_kwargs={"bad": bad}, batch_format="numpy", batch_size=ROWS)
-    run = bench.distill("nan_loss", cfg=cfg, signal_dataset=poisoned)
+    with teacher_pool(cfg, bench.teacher) as pool:
+        live = train_dataset(cfg, bench.train, teacher=pool, tokenizer_path=bench.teacher)
+        poisoned = live.map_batches(_poison, fn_kwargs={"bad": bad}, batch_format="numpy", batch_size=ROWS)
+        run = bench.distill("nan_loss", cfg=cfg, signal_dataset=poisoned)
     lines = metric_lines(bench.metrics("nan_loss"))
     skipped = sorted({r["step"] for r in lines if r.get("skipped")})
     note = f"steps skipped as non-finite: {ranges(skipped) or 'none'}"

@@ -111,15 +111,14 @@ def write_cache(settings: dict[str, Any]) -> dict[str, Any]:
     init_ray(quiet=True)
     from kdray.data.cache import SignalCache
     from kdray.models.loading import load_model_config
-    from kdray.train.trainer import train_dataset
+    from kdray.train.trainer import teacher_pool, train_dataset
 
     cfg, records = kdray_config(settings, live=False), _records(settings)
     started = time.time()
-    train_ds = train_dataset(
-        cfg, records, teacher_path=settings["teacher"], tokenizer_path=settings["teacher"]
-    )
-    vocab = int(load_model_config(settings["teacher"]).vocab_size)
-    rows = SignalCache(settings["cache_dir"]).write(train_ds, "perf", vocab_size=vocab)
+    with teacher_pool(cfg, settings["teacher"]) as pool:
+        train_ds = train_dataset(cfg, records, teacher=pool, tokenizer_path=settings["teacher"])
+        vocab = int(load_model_config(settings["teacher"]).vocab_size)
+        rows = SignalCache(settings["cache_dir"]).write(train_ds, "perf", vocab_size=vocab)
     return {"rows": rows, "teacher_pass_s": time.time() - started}
 
 

@@ -1,8 +1,9 @@
 """The Ray Data side of a run: records -> (teacher generations) -> tokens -> streaming teacher signal.
 
 Nothing here materialises the dataset: the teacher scores blocks as the training workers pull them, so
-the students start as soon as the first blocks are scored. The teacher runs as `map_batches` actors on
-its own resources (GPUs, or a custom `teacher` resource that cluster configs give to teacher nodes).
+the students start as soon as the first blocks are scored. The teacher is the run's TeacherPool, on its
+own resources (GPUs, or a custom `teacher` resource that cluster configs give to teacher nodes); the
+`map_batches` stages are its clients.
 Preference pairs enter as two consecutive rows with a `pair_sign` column (`paired_rows`), which every
 stage passes through untouched.
 """
@@ -18,7 +19,8 @@ import numpy as np
 from kdray.data.tokenize import unpadded
 
 
-def _ray_data() -> Any:
+def ray_data() -> Any:
+    """`ray.data`, imported when a pipeline is built (this module imports without Ray)."""
     import ray.data
 
     return ray.data
@@ -27,14 +29,14 @@ def _ray_data() -> Any:
 def deterministic_order() -> None:
     """Keep block order through the pipeline and the streaming split, so every worker's k-th batch
     holds the same rows in every run: a 2-worker run then sees the global batches of a 1-worker run."""
-    ctx = _ray_data().DataContext.get_current()
+    ctx = ray_data().DataContext.get_current()
     ctx.execution_options.preserve_order = True
 
 
 def records_dataset(records: Sequence[Mapping[str, Any]], *, block_rows: int) -> Any:
     """A dataset of example records, cut into blocks of `block_rows` rows (one micro-batch each)."""
     n_blocks = max(1, -(-len(records) // block_rows))
-    return _ray_data().from_items(list(records), override_num_blocks=n_blocks)
+    return ray_data().from_items(list(records), override_num_blocks=n_blocks)
 
 
 def paired_rows(
@@ -109,10 +111,12 @@ def whole_global_batches(
 
 class TeacherProgress:
     """A tiny actor counting scored rows over time: how a run measures that training overlapped the
-    teacher pass (rows scored before the first optimisation step, out of all rows)."""
+    teacher pass (rows scored before the first optimisation step, out of all rows). It also numbers the
+    teacher stages' clients (`ticket`), so that each sends to its own replica first (`TeacherClient`)."""
 
     def __init__(self) -> None:
         self.events: list[tuple[float, int]] = []
+        self.tickets = 0
 
     def add(self, rows: int, at: float) -> None:
         self.events.append((at, rows))
@@ -123,6 +127,10 @@ class TeacherProgress:
     def total(self) -> int:
         return sum(n for _, n in self.events)
 
+    def ticket(self) -> int:
+        self.tickets += 1
+        return self.tickets - 1
+
 
 def progress_actor() -> Any:
     """A TeacherProgress actor (no CPU reserved: it only appends to a list)."""
@@ -131,8 +139,21 @@ def progress_actor() -> Any:
     return ray.remote(num_cpus=0)(TeacherProgress).remote()
 
 
+def teacher_client(teacher_handles: Sequence[Any], progress: Any, name: str) -> Any:
+    """A `TeacherClient` of the run's TeacherPool, preferring the replica its ticket names."""
+    from kdray.teacher.client import TeacherClient
+
+    prefer = 0
+    if progress is not None and len(teacher_handles) > 1:
+        import ray
+
+        prefer = ray.get(progress.ticket.remote())
+    return TeacherClient(teacher_handles, prefer=prefer, name=name)
+
+
 class TeacherScorer:
-    """`map_batches` callable: a Teacher attaching its signal, reporting progress to `progress` if given.
+    """`map_batches` callable: the teacher signal of each batch, from the run's TeacherPool (its forward
+    passes run in the pool's replicas; this actor only sends and cuts), reporting progress to `progress`.
 
     With `cross` ({student_tokenizer, max_prompt_tokens, max_response_tokens}) the teacher scores its
     own tokenization of each row's prompt and response instead of the student's token ids
@@ -140,11 +161,9 @@ class TeacherScorer:
     """
 
     def __init__(
-        self, progress: Any = None, cross: Mapping[str, Any] | None = None, **teacher_kwargs: Any
+        self, teacher_handles: Sequence[Any], progress: Any = None, cross: Mapping[str, Any] | None = None
     ) -> None:
-        from kdray.teacher import Teacher
-
-        self.teacher, self.progress = Teacher(**teacher_kwargs), progress
+        self.teacher, self.progress = teacher_client(teacher_handles, progress, "teacher-signal"), progress
         self.cross = None
         if cross is not None:
             from kdray.teacher.cross_signal import CrossTokenizerSignal, load_student_tokenizer
@@ -163,14 +182,19 @@ class TeacherScorer:
 
 
 class TeacherGenerator:
-    """`map_batches` callable for SeqKD data: replaces each row's response with the teacher's output."""
+    """`map_batches` callable for SeqKD data: replaces each row's response with the teacher's output
+    (generated by the run's TeacherPool)."""
 
     def __init__(
-        self, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, **teacher_kwargs: Any
+        self,
+        teacher_handles: Sequence[Any],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+        progress: Any = None,
     ) -> None:
-        from kdray.teacher import Teacher
-
-        self.teacher = Teacher(**teacher_kwargs)
+        self.teacher = teacher_client(teacher_handles, progress, "teacher-generations")
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -181,13 +205,21 @@ class TeacherGenerator:
         return {**batch, "response": np.array([o[0]["text"] for o in outs], dtype=object)}
 
 
-def _actor_options(num_cpus: float, num_gpus: float, resources: Mapping[str, float] | None) -> dict[str, Any]:
-    options: dict[str, Any] = {"num_cpus": num_cpus}
-    if num_gpus:
-        options["num_gpus"] = num_gpus
-    if resources:
-        options["resources"] = dict(resources)
-    return options
+#: CPUs of each teacher client actor (the Ray Data stages that send batches to the TeacherPool): the
+#: teacher's compute is the pool's, on its own resources; a client only sends, waits and cuts
+CLIENT_CPUS = 0.25
+
+
+def client_stage(ds: Any, fn: type, *, batch_size: int, replicas: int, **kwargs: Any) -> Any:
+    """`ds.map_batches(fn(**kwargs))` on `replicas` client actors of `CLIENT_CPUS` each: one per replica
+    keeps every replica busy (each client has one batch in flight)."""
+    return ds.map_batches(
+        fn,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
+        compute=ray_data().ActorPoolStrategy(size=replicas),
+        num_cpus=CLIENT_CPUS,
+    )
 
 
 #: CPUs of each tokenizing actor (one per tokenized dataset): light work beside the teacher and students,
@@ -216,7 +248,7 @@ def tokenized(
             "chat_template": chat_template,
         },
         batch_size=batch_size,
-        compute=_ray_data().ActorPoolStrategy(size=1),
+        compute=ray_data().ActorPoolStrategy(size=1),
         num_cpus=TOKENIZE_CPUS,
     )
 
@@ -240,53 +272,37 @@ def tokenized_here(
                 {**record, "input_ids": batch["input_ids"][i], "response_mask": batch["response_mask"][i]}
             )
     n_blocks = max(1, -(-len(rows) // batch_size))
-    return _ray_data().from_items(rows, override_num_blocks=n_blocks)
+    return ray_data().from_items(rows, override_num_blocks=n_blocks)
 
 
 def with_teacher_signal(
     ds: Any,
-    teacher_kwargs: Mapping[str, Any],
+    teacher_handles: Sequence[Any],
     *,
     batch_size: int,
-    replicas: int = 1,
-    num_cpus: float = 1.0,
-    num_gpus: float = 0.0,
-    resources: Mapping[str, float] | None = None,
     progress: Any = None,
     cross: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Attach the teacher signal, streaming, from `replicas` teacher actors on the teacher's resources;
-    `cross` makes it the signal over the teacher's own tokenization (see `TeacherScorer`)."""
-    return ds.map_batches(
-        TeacherScorer,
-        fn_constructor_kwargs={**teacher_kwargs, "progress": progress, "cross": cross},
-        batch_size=batch_size,
-        compute=_ray_data().ActorPoolStrategy(size=replicas),
-        **_actor_options(num_cpus, num_gpus, resources),
-    )
+    """Attach the teacher signal, streaming, from the TeacherPool behind `teacher_handles` (one client per
+    replica); `cross` makes it the signal over the teacher's own tokenization (see `TeacherScorer`)."""
+    return client_stage(
+        ds, TeacherScorer, batch_size=batch_size, replicas=len(teacher_handles),
+        teacher_handles=list(teacher_handles), progress=progress, cross=cross,
+    )  # fmt: skip
 
 
 def with_teacher_generations(
     ds: Any,
-    teacher_kwargs: Mapping[str, Any],
+    teacher_handles: Sequence[Any],
     *,
     batch_size: int,
     max_new_tokens: int,
     temperature: float = 0.0,
-    replicas: int = 1,
-    num_cpus: float = 1.0,
-    num_gpus: float = 0.0,
-    resources: Mapping[str, float] | None = None,
+    progress: Any = None,
 ) -> Any:
     """Replace responses by teacher generations (SeqKD, sequence-level X-KD on teacher outputs)."""
-    return ds.map_batches(
-        TeacherGenerator,
-        fn_constructor_kwargs={
-            **teacher_kwargs,
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-        },
-        batch_size=batch_size,
-        compute=_ray_data().ActorPoolStrategy(size=replicas),
-        **_actor_options(num_cpus, num_gpus, resources),
-    )
+    return client_stage(
+        ds, TeacherGenerator, batch_size=batch_size, replicas=len(teacher_handles),
+        teacher_handles=list(teacher_handles), max_new_tokens=max_new_tokens, temperature=temperature,
+        progress=progress,
+    )  # fmt: skip

@@ -77,6 +77,8 @@ class Teacher:
         if temperature <= 0:
             raise ValueError(f"teacher temperature={temperature!r} must be > 0")
         self.name = name_or_path or type(model).__name__
+        # where the tokenizer comes from: a `TeacherClient` loads the same one beside the pool's replicas
+        self.source = {"name_or_path": name_or_path, "revision": revision, "gguf_file": gguf_file}
         self.temperature, self.truncate, self.chat_template = temperature, truncate, chat_template
         self.backend = _make_backend(
             backend, name_or_path, model=model, tokenizer=tokenizer, revision=revision, gguf_file=gguf_file,
@@ -256,6 +258,10 @@ class Teacher:
             "device": str(getattr(self.backend, "device", "cpu")),
             "vocab_size": self.vocab_size,
             "top_k": self.top_k,
+            "max_length": self.max_length,
+            "temperature": self.temperature,
+            "chat_template": self.chat_template,
+            "source": self.source,
         }
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,8 +9,8 @@ judge: for each ordered pair the teacher's next-token distribution after the jud
 distribution of its one answer token), read from its top-20 log-probs (`letter_probability`), with both
 A/B orders averaged. `teacher_rewards` mixes the two into β·(α·log-prob + (1−α)·MCQ).
 
-Both stages are Ray Data `map_batches` actors (the student sampler, then the teacher judge, on the
-teacher's resources); a prompt's group travels as one row (JSON lists) until the driver lays it out as
+Both stages are Ray Data `map_batches` actors (the student sampler, then the teacher judge, a client of
+the run's TeacherPool); a prompt's group travels as one row (JSON lists) until the driver lays it out as
 n consecutive training rows, each with its `group_pos` and `teacher_reward`, cut into whole groups per
 micro-batch and worker (`kdray.data.pipeline.grouped_rows`).
 """
@@ -163,12 +163,18 @@ class PadJudge:
     `teacher_reward` (β·(α·log-prob + (1−α)·MCQ)). Rows that were not kept pass through unscored.
     """
 
-    def __init__(self, *, alpha: float, beta: float, **teacher_kwargs: Any) -> None:
-        from kdray.teacher import Teacher
+    def __init__(
+        self, teacher_handles: Sequence[Any], *, alpha: float, beta: float, progress: Any = None
+    ) -> None:
+        from kdray.data.pipeline import teacher_client
 
-        # the reference reads both the likelihood and the judge's answer at temperature 1
-        teacher_kwargs = {**teacher_kwargs, "temperature": 1.0, "top_k": JUDGE_TOP_K}
-        self.teacher, self.alpha, self.beta = Teacher(**teacher_kwargs), alpha, beta
+        self.teacher = teacher_client(teacher_handles, progress, "pad-judge")
+        if self.teacher.temperature != 1.0:  # the reference reads the likelihood and the judge at 1
+            raise ValueError(
+                f"PAD's judge reads the teacher at temperature 1, but the run's teacher serves "
+                f"{self.teacher.temperature}: unset teacher.temperature for method pad"
+            )
+        self.alpha, self.beta = alpha, beta
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         import torch
@@ -230,17 +236,18 @@ def pad_params(cfg: Any) -> dict[str, Any]:
     return {**cfg.objective.method_params, "beta": beta}
 
 
-def pad_rows(cfg: Any, records: Sequence[Mapping[str, Any]], *, teacher_path: str) -> PadData:
-    """PAD's training rows from the training records, sampled and scored through Ray Data.
+def pad_rows(cfg: Any, records: Sequence[Mapping[str, Any]], *, teacher_path: str, teacher: Any) -> PadData:
+    """PAD's training rows from the training records, sampled and scored through Ray Data, the judge
+    a client of `teacher` (the run's TeacherPool).
 
     Only the prompts the run can consume are sampled: max_steps x the global batch / n groups, plus a
     quarter for the prompts that get dropped. The rows are cut to whole global batches of whole groups.
     """
     from kdray.data import pipeline
-    from kdray.train.trainer import loop_spec, rows_per_run, teacher_kwargs
+    from kdray.train.trainer import loop_spec, rows_per_run
 
     p = pad_params(cfg)
-    t, tr = cfg.teacher, cfg.train
+    tr = cfg.train
     n = int(p["n"])
     needed = rows_per_run(cfg) // n
     prompts = list(records[: min(len(records), math.ceil(needed * 1.25) + 1)])
@@ -256,17 +263,12 @@ def pad_rows(cfg: Any, records: Sequence[Mapping[str, Any]], *, teacher_path: st
             "max_new_tokens": cfg.objective.max_new_tokens, "batch_size": tr.batch_size,
         },
         batch_size=tr.batch_size,
-        compute=pipeline._ray_data().ActorPoolStrategy(size=1),
+        compute=pipeline.ray_data().ActorPoolStrategy(size=1),
         num_cpus=float(tr.cpus_per_worker),
     )  # fmt: skip
-    ds = ds.map_batches(
-        PadJudge,
-        fn_constructor_kwargs={
-            **teacher_kwargs(cfg, teacher_path), "alpha": float(p["alpha"]), "beta": float(p["beta"]),
-        },
-        batch_size=tr.batch_size,
-        compute=pipeline._ray_data().ActorPoolStrategy(size=t.replicas),
-        **pipeline._actor_options(t.num_cpus, t.num_gpus, t.resources),
+    ds = pipeline.client_stage(
+        ds, PadJudge, batch_size=tr.batch_size, replicas=len(teacher.handles), teacher_handles=teacher.handles,
+        alpha=float(p["alpha"]), beta=float(p["beta"]), progress=pipeline.progress_actor(),
     )  # fmt: skip
     scored = ds.take_all()
     grouped = group_rows(scored)

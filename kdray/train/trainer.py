@@ -1,7 +1,8 @@
 """Driver-side glue: a config and data records in, a Ray Train run of the student out.
 
-Builds the Ray Data pipeline (tokens, teacher generations or the streaming teacher signal, or a signal
-cache), the TeacherPool for on-policy methods, and a TorchTrainer whose workers run
+Builds the run's one TeacherPool (every teacher call goes to it: the signal pass, the teacher's
+generations, PAD's judge, on-policy scoring), the Ray Data pipeline (tokens, teacher generations or the
+streaming teacher signal, or a signal cache), and a TorchTrainer whose workers run
 `train_loop_per_worker`. Reads the run's metrics back as a per-step history.
 """
 
@@ -160,41 +161,55 @@ def train_dataset(
     cfg: Any,
     train_records: Sequence[Mapping[str, Any]],
     *,
-    teacher_path: str | None,
+    teacher: Any,
     tokenizer_path: str,
     progress: Any = None,
 ) -> Any:
     """The training rows as a streaming Ray Dataset: teacher generations where the method trains on
-    them, tokenized, then the teacher's signal where the method reads one. `progress` (a
+    them, tokenized, then the teacher's signal where the method reads one, both from `teacher` (the
+    run's TeacherPool, `teacher_pool`; None for a method that reads neither). `progress` (a
     TeacherProgress actor) counts the rows the teacher scores. A run reading the signal cache skips this."""
     from kdray.data import pipeline
 
     pipeline.deterministic_order()
     rows, tok = cfg.train.batch_size, _tokenize_options(cfg)
     train = pipeline.records_dataset(train_records, block_rows=rows)
-    t = cfg.teacher
-    placement = {
-        "replicas": t.replicas,
-        "num_cpus": t.num_cpus,
-        "num_gpus": t.num_gpus,
-        "resources": t.resources,
-    }
     if needs_generations(cfg):
         train = pipeline.with_teacher_generations(
-            train, teacher_kwargs(cfg, _require(teacher_path)), batch_size=rows, **placement,
+            train, _require_pool(teacher).handles, batch_size=rows, progress=progress,
             max_new_tokens=cfg.objective.max_new_tokens, temperature=cfg.objective.generation_temperature,
         )  # fmt: skip
     train = pipeline.tokenized(train, tokenizer_path, **tok)
     if needs_signal(cfg):
         train = pipeline.with_teacher_signal(
-            train,
-            teacher_kwargs(cfg, _require(teacher_path)),
-            batch_size=rows,
-            progress=progress,
+            train, _require_pool(teacher).handles, batch_size=rows, progress=progress,
             cross=cross_signal_options(cfg, tokenizer_path),
-            **placement,
-        )
+        )  # fmt: skip
     return train
+
+
+def teacher_pool(cfg: Any, teacher_path: str | None, *, name: str = "teacher") -> Any:
+    """The run's TeacherPool (`teacher` section: replicas and placement), its replicas loaded: the model
+    at `teacher_path`, the data's chat template, and the temperature the loss reads the teacher at."""
+    from kdray.teacher import TeacherPool
+
+    t = cfg.teacher
+    pool = TeacherPool(
+        teacher_kwargs(cfg, _require(teacher_path)), replicas=t.replicas, num_cpus=t.num_cpus,
+        num_gpus=t.num_gpus, resources=t.resources, max_restarts=t.max_restarts, name=name,
+    )  # fmt: skip
+    try:
+        pool.wait_ready()
+    except BaseException:
+        pool.close()
+        raise
+    return pool
+
+
+def _require_pool(pool: Any) -> Any:
+    if pool is None:
+        raise ValueError("this method reads the teacher, but no teacher pool was given (`teacher_pool`)")
+    return pool
 
 
 def cross_signal_options(cfg: Any, student_tokenizer: str) -> dict[str, Any] | None:
@@ -237,43 +252,60 @@ def distill(
     per-step metrics into; `progress_desc` labels the run's progress: a bar over the steps, or (with
     `progress_bar=False`, for logs) one line per logged step.
     """
-    from kdray.teacher.preflight import preflight_config, student_tokenizer_path
+    from kdray.teacher.preflight import preflight_config
 
     if teacher_path:  # tokenizer files only: a refused pair costs a second, before any actor starts
         preflight_config(cfg, teacher_path)
+    workdir = Path(workdir).resolve()
+    train_records = student_records(cfg, train_records)  # before PAD groups its prompts' responses
+    # the teacher stages Ray Data runs as clients of the pool: the signal, the generations, PAD's judge
+    stages = [needs_signal(cfg), needs_generations(cfg), cfg.objective.method == "pad"]
+    clients = 0 if signal_dataset is not None else sum(stages)
+    wanted = clients > 0 or needs_pool(cfg)
+    _check_capacity(cfg, pool=wanted, clients=clients, tokenizers=0 if signal_dataset is not None else 1)
+    pool = teacher_pool(cfg, teacher_path, name=f"{name}-teacher") if wanted else None
+    try:
+        return _distill(cfg, train_records, eval_records, workdir=workdir, teacher_path=teacher_path, name=name,
+                        signal_dataset=signal_dataset, pool=pool, export=export, tracking=tracking,
+                        progress_desc=progress_desc, progress_bar=progress_bar)  # fmt: skip
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _distill(
+    cfg: Any, train_records: Sequence[Mapping[str, Any]], eval_records: Sequence[Mapping[str, Any]], *,
+    workdir: Path, teacher_path: str | None, name: str, signal_dataset: Any, pool: Any,
+    export: bool, tracking: Mapping[str, Any] | None, progress_desc: str | None, progress_bar: bool,
+) -> DistillRun:  # fmt: skip
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    workdir = Path(workdir).resolve()
+    from kdray.data.pipeline import progress_actor
+    from kdray.teacher.preflight import student_tokenizer_path
+
     extra: dict[str, Any] = {}
-    train_records = student_records(cfg, train_records)  # before PAD groups its prompts' responses
+    live = signal_dataset is None and (needs_signal(cfg) or needs_generations(cfg))
     if cfg.objective.method == "pad" and signal_dataset is None:
         # PAD's rows are built offline from the initial student's samples, scored by the teacher
         from kdray.train.pad_data import pad_rows
 
-        prepared = pad_rows(cfg, train_records, teacher_path=_require(teacher_path))
+        prepared = pad_rows(cfg, train_records, teacher_path=_require(teacher_path), teacher=pool)
         train_records, extra["pad"] = prepared.rows, prepared.stats
     train_records, eval_records = training_rows(cfg, train_records, eval_records)
     metrics_path = workdir / name / "metrics.jsonl"
     export_path = workdir / name / "student" if export else None
     tokenizer_path = student_tokenizer_path(cfg, teacher_path)  # the student's rows, its own tokenizer
-    from kdray.data.pipeline import progress_actor
-
-    _check_capacity(
-        cfg, scorer=signal_dataset is None and needs_signal(cfg), pool=needs_pool(cfg),
-        tokenizers=0 if signal_dataset is not None else 1,
-    )  # fmt: skip
-    progress = progress_actor() if signal_dataset is None and needs_signal(cfg) else None
+    progress = progress_actor() if live else None
     eval_ds = eval_dataset(cfg, eval_records, tokenizer_path=tokenizer_path)
     train_ds = signal_dataset
     if train_ds is None:
         train_ds = train_dataset(
-            cfg, train_records, teacher_path=teacher_path, tokenizer_path=tokenizer_path, progress=progress
+            cfg, train_records, teacher=pool, tokenizer_path=tokenizer_path, progress=progress
         )
-    live = signal_dataset is None and (needs_signal(cfg) or needs_generations(cfg))
     train_ds = kept_for_epochs(cfg, train_ds, len(train_records), live=live)
     spec = loop_spec(cfg, teacher_path=teacher_path, metrics_path=metrics_path, export_path=export_path)
-    spec.teacher_progress = progress
+    spec.teacher_progress = progress if needs_signal(cfg) else None  # generations only take tickets
     from kdray.train.resume import recover_damaged_snapshot
 
     recover_damaged_snapshot(workdir / "ray_train" / name)  # the workers resume from what it leaves
@@ -281,14 +313,7 @@ def distill(
     spec.tracking = dict(tracking) if tracking else None
     spec.progress_desc = progress_desc
     spec.progress_bar = progress_bar
-    pool = None
-    if needs_pool(cfg):
-        from kdray.teacher import TeacherPool
-
-        pool = TeacherPool.from_config(
-            cfg.teacher, name=f"{name}-teacher", teacher_overrides=pool_overrides(cfg, teacher_path)
-        )
-        pool.wait_ready()
+    if needs_pool(cfg):  # on-policy samples: the workers score them with the same replicas
         spec.teacher_handles = pool.handles
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -315,8 +340,6 @@ def distill(
     try:
         result = trainer.fit()
     finally:
-        if pool is not None:
-            pool.close()
         if progress is not None:  # one per run: a sweep of many runs would otherwise keep them all alive
             import ray
 
@@ -324,25 +347,25 @@ def distill(
     return DistillRun(result, read_history(metrics_path), export_path, metrics_path, extra)
 
 
-def _check_capacity(cfg: Any, *, scorer: bool, pool: bool, tokenizers: int = 1) -> None:
+def _check_capacity(cfg: Any, *, pool: bool, clients: int = 0, tokenizers: int = 1) -> None:
     """Refuse a run whose actors cannot all be placed at once: Ray would wait for them forever.
 
-    An on-policy run that also streams the teacher signal holds two sets of teachers (the Ray Data
-    scorers and the TeacherPool) beside the training workers; the train dataset keeps a tokenizing actor
+    Beside the training workers a run holds its TeacherPool's replicas, one client actor per replica for
+    each teacher stage (`pipeline.CLIENT_CPUS`) and a tokenizing actor for the train dataset
     (`pipeline.TOKENIZE_CPUS`; a cached signal needs none, the eval split is tokenized here): training
     workers that take every CPU would leave those pending and the run waiting without a word.
     """
     import ray
 
-    from kdray.data.pipeline import TOKENIZE_CPUS
+    from kdray.data.pipeline import CLIENT_CPUS, TOKENIZE_CPUS
 
-    t = cfg.train
-    sets = int(scorer) + int(pool)
+    t, r = cfg.train, cfg.teacher.replicas
     need = {
         "CPU": t.num_workers * float(t.cpus_per_worker)
-        + sets * cfg.teacher.replicas * cfg.teacher.num_cpus
+        + int(pool) * r * cfg.teacher.num_cpus
+        + clients * r * CLIENT_CPUS
         + tokenizers * TOKENIZE_CPUS,
-        "GPU": (t.num_workers if t.use_gpu else 0.0) + sets * cfg.teacher.replicas * cfg.teacher.num_gpus,
+        "GPU": (t.num_workers if t.use_gpu else 0.0) + int(pool) * r * cfg.teacher.num_gpus,
     }
     have = ray.cluster_resources()
     short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0)}
@@ -351,8 +374,8 @@ def _check_capacity(cfg: Any, *, scorer: bool, pool: bool, tokenizers: int = 1) 
         raise RuntimeError(
             f"this run cannot place all its actors at once ({detail}): {t.num_workers} training worker(s) "
             f"of {t.cpus_per_worker:g} CPU (train.cpus_per_worker), {tokenizers} tokenizer(s) of "
-            f"{TOKENIZE_CPUS:g} CPU{', the teacher scorers' if scorer else ''}"
-            f"{', the on-policy TeacherPool' if pool else ''}. "
+            f"{TOKENIZE_CPUS:g} CPU{', the TeacherPool' if pool else ''}"
+            f"{f', {clients} teacher client(s) per replica' if clients else ''}. "
             "Precompute the signal (the workflow's teacher_outputs step), lower train.cpus_per_worker, "
             "teacher.replicas or teacher.num_cpus, or add nodes (ray.init(num_cpus=...) oversubscribes a "
             "small machine)."
@@ -410,18 +433,6 @@ def rows_per_run(cfg: Any) -> int:
     """Rows one run trains on: steps x batch x gradient accumulation x workers."""
     t = cfg.train
     return t.max_steps * t.batch_size * t.grad_accum * t.num_workers
-
-
-def pool_overrides(cfg: Any, teacher_path: str | None) -> dict[str, Any]:
-    """Teacher arguments of an on-policy TeacherPool set outside the `teacher` section: the resolved model
-    path, the data's chat template and the temperature the loss reads the teacher at."""
-    from kdray.validate import teacher_temperature
-
-    return {
-        "name_or_path": _require(teacher_path),
-        "chat_template": cfg.data.chat_template,
-        "temperature": teacher_temperature(cfg),
-    }
 
 
 def worker_resources(cfg: Any) -> dict[str, float]:

@@ -269,7 +269,7 @@ def _parent_run(cfg: Config, run_name: str | None, run_id: str | None) -> tuple[
 
 def _shared_pool(cfg: Config, teacher_path: str) -> Any:
     """One TeacherPool for every trial, when some trial samples on-policy batches."""
-    from kdray.train.trainer import needs_pool, pool_overrides
+    from kdray.train.trainer import needs_pool, teacher_pool
     from kdray.tune.space import candidates
 
     configs = [cfg] + [
@@ -279,15 +279,7 @@ def _shared_pool(cfg: Config, teacher_path: str) -> Any:
     ]
     if not any(needs_pool(c) for c in configs):
         return None
-    from kdray.teacher import TeacherPool
-
-    pool = TeacherPool.from_config(
-        cfg.teacher,
-        name=f"sweep-{cfg.tune.name}-teacher",
-        teacher_overrides=pool_overrides(cfg, teacher_path),
-    )
-    pool.wait_ready()
-    return pool
+    return teacher_pool(cfg, teacher_path, name=f"sweep-{cfg.tune.name}-teacher")
 
 
 def _write_summary(cfg: Config, result: SweepResult) -> None:

@@ -25,7 +25,13 @@ def teacher_outputs_step(ctx: StepContext, data: StepResult, teacher: StepResult
     teacher's generations for SeqKD / sequence-level X-KD); every later run or Tune trial reads it."""
     from kdray.data.cache import SignalCache, signal_cache_key
     from kdray.models.loading import load_model_config
-    from kdray.train.trainer import needs_generations, needs_signal, student_records, train_dataset
+    from kdray.train.trainer import (
+        needs_generations,
+        needs_signal,
+        student_records,
+        teacher_pool,
+        train_dataset,
+    )
     from kdray.validate import teacher_temperature
 
     cfg = ctx.cfg
@@ -41,15 +47,14 @@ def teacher_outputs_step(ctx: StepContext, data: StepResult, teacher: StepResult
         data=f"{data.key}:{ctx.key}", version=__version__,
     )  # fmt: skip
     cache = SignalCache(ctx.directory / "signal")
-    train_ds = train_dataset(  # the rows the student reads (train.max_examples), in data order
-        cfg,
-        student_records(cfg, read_jsonl(data.outputs["train"])),
-        teacher_path=t_path,
-        tokenizer_path=t_path,
-    )
     started = time.time()
-    vocab = int(load_model_config(t_path).vocab_size)
-    rows = cache.write(train_ds, key, vocab_size=vocab, meta={"teacher": t_path, "generations": generations})
+    with teacher_pool(cfg, t_path, name="teacher-outputs") as pool:
+        train_ds = train_dataset(  # the rows the student reads (train.max_examples), in data order
+            cfg, student_records(cfg, read_jsonl(data.outputs["train"])), teacher=pool, tokenizer_path=t_path
+        )
+        vocab = int(load_model_config(t_path).vocab_size)
+        meta = {"teacher": t_path, "generations": generations}
+        rows = cache.write(train_ds, key, vocab_size=vocab, meta=meta)
     seconds = time.time() - started
     if ctx.tracker is not None:
         ctx.tracker.set_tags({"kdray.signal_cache_key": key})
