@@ -150,12 +150,13 @@ def test_judge_reads_letters_from_one_token_in_both_orders(tmp_path):
     """α = 0.5: the reward mixes the mean log-prob with MCQ scores read from the top-20 log-probs of the
     judge's answer token, every pair asked in both A/B orders; checked against a direct computation."""
     from kdray.models.loading import load_causal_lm
-    from kdray.train.pad_data import PadJudge
+    from kdray.teacher import Teacher
+    from kdray.train.pad_data import judge_groups
 
     path = save_tiny(tmp_path / "judge", seed=11, max_positions=1024)
     question, responses = "What is 7+5?", ["12", "13", "it is 12", "7"]
-    judge = PadJudge(alpha=0.5, beta=10.0, name_or_path=path, chat_template=True)
-    out = judge({"prompt": [question], "responses": [json.dumps(responses)], "status": ["kept"]})
+    batch = {"prompt": [question], "responses": [json.dumps(responses)], "status": ["kept"]}
+    out = judge_groups(Teacher(path, temperature=1.0, top_k=1), batch, alpha=0.5, beta=10.0)
     got = json.loads(out["teacher_reward"][0])
 
     model, tokenizer = load_causal_lm(path, device="cpu")

@@ -156,12 +156,41 @@ def judge_probabilities(teacher: Any, question: str, responses: Sequence[str]) -
     return p_first
 
 
-class PadJudge:
-    """`map_batches` callable: the teacher's rewards of each kept group (JSON lists per row).
+def judge_groups(teacher: Any, batch: Mapping[str, Any], *, alpha: float, beta: float) -> dict[str, Any]:
+    """The teacher's rewards of each kept group of `batch` (JSON lists per row), from `teacher` (a Teacher
+    or a `TeacherClient`, serving at temperature 1): adds `teacher_logprob` (mean log-prob of each
+    response), `mcq` (scores, or null when α = 1) and `teacher_reward` (β·(α·log-prob + (1−α)·MCQ)). Rows
+    that were not kept pass through unscored."""
+    import torch
 
-    Adds `teacher_logprob` (mean log-prob of each response), `mcq` (scores, or null when α = 1) and
-    `teacher_reward` (β·(α·log-prob + (1−α)·MCQ)). Rows that were not kept pass through unscored.
-    """
+    from kdray.losses.pad import mcq_scores, teacher_rewards
+
+    groups = [json.loads(r) for r in batch["responses"]]
+    kept = [i for i, s in enumerate(batch["status"]) if s == "kept"]
+    flat = [(i, r) for i in kept for r in groups[i]]
+    lps = (
+        teacher.reward([str(batch["prompt"][i]) for i, _ in flat], [r for _, r in flat])
+        if flat else np.zeros(0, np.float32)
+    )  # fmt: skip
+    out = {k: [None] * len(groups) for k in ("teacher_logprob", "mcq", "teacher_reward")}
+    cursor = 0
+    for i in kept:
+        n = len(groups[i])
+        mean_lp = torch.as_tensor(lps[cursor : cursor + n], dtype=torch.float64).reshape(1, n)
+        cursor += n
+        mcq = None
+        if alpha < 1.0:
+            p_first = judge_probabilities(teacher, str(batch["prompt"][i]), groups[i])
+            mcq = mcq_scores(torch.as_tensor(p_first).unsqueeze(0))
+        reward = teacher_rewards(mean_lp, mcq, alpha=alpha, beta=beta)
+        out["teacher_logprob"][i] = json.dumps(mean_lp[0].tolist())
+        out["mcq"][i] = json.dumps(mcq[0].tolist()) if mcq is not None else None
+        out["teacher_reward"][i] = json.dumps(reward[0].tolist())
+    return {**batch, **{k: np.array(v, dtype=object) for k, v in out.items()}}
+
+
+class PadJudge:
+    """`map_batches` callable: `judge_groups` with a client of the run's TeacherPool."""
 
     def __init__(
         self, teacher_handles: Sequence[Any], *, alpha: float, beta: float, progress: Any = None
@@ -177,32 +206,7 @@ class PadJudge:
         self.alpha, self.beta = alpha, beta
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        import torch
-
-        from kdray.losses.pad import mcq_scores, teacher_rewards
-
-        groups = [json.loads(r) for r in batch["responses"]]
-        kept = [i for i, s in enumerate(batch["status"]) if s == "kept"]
-        flat = [(i, r) for i in kept for r in groups[i]]
-        lps = (
-            self.teacher.reward([str(batch["prompt"][i]) for i, _ in flat], [r for _, r in flat])
-            if flat else np.zeros(0, np.float32)
-        )  # fmt: skip
-        out = {k: [None] * len(groups) for k in ("teacher_logprob", "mcq", "teacher_reward")}
-        cursor = 0
-        for i in kept:
-            n = len(groups[i])
-            mean_lp = torch.as_tensor(lps[cursor : cursor + n], dtype=torch.float64).reshape(1, n)
-            cursor += n
-            mcq = None
-            if self.alpha < 1.0:
-                p_first = judge_probabilities(self.teacher, str(batch["prompt"][i]), groups[i])
-                mcq = mcq_scores(torch.as_tensor(p_first).unsqueeze(0))
-            reward = teacher_rewards(mean_lp, mcq, alpha=self.alpha, beta=self.beta)
-            out["teacher_logprob"][i] = json.dumps(mean_lp[0].tolist())
-            out["mcq"][i] = json.dumps(mcq[0].tolist()) if mcq is not None else None
-            out["teacher_reward"][i] = json.dumps(reward[0].tolist())
-        return {**batch, **{k: np.array(v, dtype=object) for k, v in out.items()}}
+        return judge_groups(self.teacher, batch, alpha=self.alpha, beta=self.beta)
 
 
 def group_rows(scored: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -266,11 +270,19 @@ def pad_rows(cfg: Any, records: Sequence[Mapping[str, Any]], *, teacher_path: st
         compute=pipeline.ray_data().ActorPoolStrategy(size=1),
         num_cpus=float(tr.cpus_per_worker),
     )  # fmt: skip
+    replicas = len(teacher.handles)
+    tickets = pipeline.progress_actor() if replicas > 1 else None  # each judge prefers its own replica
     ds = pipeline.client_stage(
-        ds, PadJudge, batch_size=tr.batch_size, replicas=len(teacher.handles), teacher_handles=teacher.handles,
-        alpha=float(p["alpha"]), beta=float(p["beta"]), progress=pipeline.progress_actor(),
+        ds, PadJudge, batch_size=tr.batch_size, replicas=replicas, teacher_handles=teacher.handles,
+        alpha=float(p["alpha"]), beta=float(p["beta"]), progress=tickets,
     )  # fmt: skip
-    scored = ds.take_all()
+    try:
+        scored = ds.take_all()
+    finally:
+        if tickets is not None:
+            import ray
+
+            ray.kill(tickets)
     grouped = group_rows(scored)
     rows = pipeline.grouped_rows(grouped, group_size=n, block_rows=tr.batch_size, splits=tr.num_workers)
     status = [r["status"] for r in scored]

@@ -188,9 +188,11 @@ def train_dataset(
     return train
 
 
-def teacher_pool(cfg: Any, teacher_path: str | None, *, name: str = "teacher") -> Any:
-    """The run's TeacherPool (`teacher` section: replicas and placement), its replicas loaded: the model
-    at `teacher_path`, the data's chat template, and the temperature the loss reads the teacher at."""
+def teacher_pool(cfg: Any, teacher_path: str | None, *, name: str = "teacher", wait: bool = True) -> Any:
+    """The run's TeacherPool (`teacher` section: replicas and placement) serving the model at
+    `teacher_path` with the data's chat template, at the temperature the loss reads the teacher at.
+    `wait` returns once every replica has loaded it; `distill` does not wait, so the teacher loads while
+    Ray Train starts its workers (the clients and the sampler wait for the replicas themselves)."""
     from kdray.teacher import TeacherPool
 
     t = cfg.teacher
@@ -199,7 +201,8 @@ def teacher_pool(cfg: Any, teacher_path: str | None, *, name: str = "teacher") -
         num_gpus=t.num_gpus, resources=t.resources, max_restarts=t.max_restarts, name=name,
     )  # fmt: skip
     try:
-        pool.wait_ready()
+        if wait:
+            pool.wait_ready()
     except BaseException:
         pool.close()
         raise
@@ -263,7 +266,7 @@ def distill(
     clients = 0 if signal_dataset is not None else sum(stages)
     wanted = clients > 0 or needs_pool(cfg)
     _check_capacity(cfg, pool=wanted, clients=clients, tokenizers=0 if signal_dataset is not None else 1)
-    pool = teacher_pool(cfg, teacher_path, name=f"{name}-teacher") if wanted else None
+    pool = teacher_pool(cfg, teacher_path, name=f"{name}-teacher", wait=False) if wanted else None
     try:
         return _distill(cfg, train_records, eval_records, workdir=workdir, teacher_path=teacher_path, name=name,
                         signal_dataset=signal_dataset, pool=pool, export=export, tracking=tracking,
