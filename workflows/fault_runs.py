@@ -107,14 +107,20 @@ def watch(metrics: Path, step: int, action: Callable[[dict[str, Any]], Any]) -> 
     return done
 
 
-def own_process(title: str) -> int:
-    """The pid of the one process under this one whose command line holds `title` (Ray names an actor's
-    worker process `ray::<class>...`). Other Ray instances on the machine are never touched."""
+def own_process(title: str, exclude: str | None = None) -> int:
+    """The pid of the one process under this one whose command line holds `title` but not `exclude` (Ray
+    names an actor's worker process `ray::<class>...`). Other Ray instances on the machine are never
+    touched."""
     me, found = os.getpid(), []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if title in (entry / "cmdline").read_text() and me in _ancestors(int(entry.name)):
+                cmdline = (entry / "cmdline").read_text()
+                if (
+                    title in cmdline
+                    and not (exclude and exclude in cmdline)
+                    and me in _ancestors(int(entry.name))
+                ):
                     found.append(int(entry.name))
             except OSError:  # the process ended while being read
                 continue

@@ -75,7 +75,9 @@ def teacher_killed(bench: Bench) -> dict[str, Any]:
     step 1."""
 
     def kill(_: dict[str, Any]) -> int:
-        pid = own_process("ray::Teacher")  # the replica; the Ray Data client is a `MapWorker(...)`
+        # the replica: the Ray Data client is a `ray::MapWorker(...)`, the run's ticket/progress actor a
+        # `ray::TeacherProgress`
+        pid = own_process("ray::Teacher", exclude="ray::TeacherProgress")
         os.kill(pid, signal.SIGKILL)
         return pid
 
