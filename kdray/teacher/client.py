@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kdray.teacher.pool import TeacherPool
-from kdray.teacher.teacher import Signal, Teacher
+from kdray.teacher.teacher import SCORED_COLUMNS, Signal, Teacher
 
 __all__ = ["TeacherClient"]
 
@@ -47,8 +47,9 @@ class TeacherClient:
     encode_prompt = Teacher.encode_prompt
 
     def logprobs(self, batch: Mapping[str, Any], k: int | None = None) -> Signal:
-        """See `Teacher.logprobs`."""
-        return self.pool.logprobs(batch, k)
+        """See `Teacher.logprobs`. Only the token columns it reads cross to the replica, not the
+        batch's text and other columns (a Ray Data batch carries prompt, response, ids, ...)."""
+        return self.pool.logprobs({c: batch[c] for c in SCORED_COLUMNS if c in batch}, k)
 
     def score(
         self, sequences: Sequence[Sequence[int]], k: int | None = None, prompt_lengths: Any = None

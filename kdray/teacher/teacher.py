@@ -269,6 +269,10 @@ class Teacher:
         return {**batch, **self.logprobs(batch)}
 
 
+#: the columns of a batch that `Teacher.logprobs` reads (`_unpad`); a client sends only these
+SCORED_COLUMNS = ("input_ids", "attention_mask", "response_mask")
+
+
 def _unpad(batch: Mapping[str, Any]) -> tuple[list[list[int]], int, np.ndarray]:
     """Ragged token lists, the padded width, and the response mask (default: every real token but the first)."""
     if "input_ids" not in batch:
