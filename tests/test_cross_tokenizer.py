@@ -168,6 +168,24 @@ def test_response_groups_index_the_tokens_encode_response_makes(smol, chars):
     assert response_groups(chars, smol, text, eos=False) == groups[:-1]
 
 
+def test_a_multidigit_bpe_splits_every_number_otherwise_and_the_groups_join_the_digits():
+    """GPT-2's convention against SmolLM2's, both trained here on the same text: the words tokenise
+    alike, a number is one token on one side and a space plus one token per digit on the other."""
+    from kdray.data import generate_arithmetic
+    from kdray.models.bpe import bpe_tokenizer
+
+    texts = [f"{r['prompt']}\n{r['response']}" for r in generate_arithmetic(300, seed=0, difficulty=1)]
+    digits, merged = bpe_tokenizer(texts, 512), bpe_tokenizer(texts, 512, split_digits=False)
+    text = "He buys 4 * 8 = 32 shells.\n#### 32"
+    assert "Ġ32" in merged.tokenize(text) and "Ġ32" not in digits.tokenize(text)
+    assert digits.tokenize(" 32") == ["Ġ", "3", "2"]
+    assert set(digits.get_vocab()) < set(merged.get_vocab())  # the student's holds the teacher's and more
+    groups = response_groups(merged, digits, text)
+    joined = [(s, t) for s, t in groups if len(t) > 1]
+    assert joined and all(len(s) == 1 for s, _ in joined)  # each number: one token against its digits
+    assert [k for s, _ in groups for k in s] == list(range(len(encode_response(merged, text))))
+
+
 # ---- merging -------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,10 @@
-"""Cross-tokenizer distillation end to end: a BPE teacher, a character-level student, ULD and GOLD.
+"""Cross-tokenizer distillation end to end: a BPE teacher, a student with another tokenizer, ULD and GOLD.
 
     python workflows/cross_tokenizer.py --baseline   # 34 minutes on 2 CPU cores shared with other jobs
     python workflows/cross_tokenizer.py --runs uld --student-steps 100   # fewer, shorter students
     python workflows/cross_tokenizer.py --teacher-path runs/cross_tokenizer/teacher/student  # reuse it
     python workflows/cross_tokenizer.py --report     # the table of benchmarks/cross_tokenizer.jsonl
+    python workflows/cross_tokenizer.py --baseline --student-tokenizer bpe-multidigit  # a BPE student
 
 Each finished model appends a row to `--out` (default benchmarks/cross_tokenizer.jsonl) with its seed,
 commit, CPU, threads and the arguments that shape it; a re-run with the same arguments skips the rows
@@ -12,7 +13,10 @@ say: docs/cross_tokenizer.md.
 
 The teacher and the student tokenise the arithmetic task differently: the teacher with a byte-level BPE
 trained here on the task's text (SmolLM2-style: "Ġ" spaces, digits one by one, a ChatML template), the
-student with kdray's character tokenizer and its own chat template. The teacher is trained from scratch
+student with kdray's character tokenizer and its own chat template (or, `--student-tokenizer
+bpe-multidigit`, a BPE trained the same way except that numbers merge into multi-digit tokens, GPT-2's
+convention: the student's vocabulary then holds all of the teacher's tokens and more, and the two split
+every number differently). The teacher is trained from scratch
 with cross-entropy (method `sft`); then one student initialisation is distilled through
 `kdray.train.trainer.distill` with `objective.cross_tokenizer: uld` and with `gold` (by default at
 their reference defaults, and GOLD once more with ULD's cross-entropy weight: GOLD's reference trains
@@ -30,20 +34,31 @@ from pathlib import Path
 from typing import Any
 
 TEACHER = "teacher (BPE, CE from scratch)"
-INIT = "student at initialisation (characters)"
+#: the student's tokenizer: kdray's characters, or a BPE trained here like the teacher's but whose
+#: pre-tokenizer lets digits merge (GPT-2's convention; the teacher keeps SmolLM2's one digit per token)
+STUDENT_TOKENIZERS = {"chars": "characters", "bpe-multidigit": "BPE, multi-digit numbers"}
 
 
 def _shape(args: argparse.Namespace) -> str:
     """The arguments that shape the rows (not where they go, which students run, or a reused teacher)."""
     skip = {"out", "report", "runs", "baseline", "teacher_path", "workdir"}
+    if args.student_tokenizer == "chars":  # the first setting: its rows keep the shape they were written with
+        skip.add("student_tokenizer")
     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items()) if k not in skip)
 
 
-def report_table(path: Path) -> str:
-    """The latest run in `path` (the rows sharing the arguments of its last row) as a markdown table."""
+def init_label(args: argparse.Namespace) -> str:
+    return f"student at initialisation ({STUDENT_TOKENIZERS[args.student_tokenizer]})"
+
+
+def report_table(path: Path, student_tokenizer: str = "chars") -> str:
+    """The latest run in `path` whose student has `student_tokenizer`, as a markdown table: the rows
+    sharing the arguments of that run's last row."""
     from kdray.results import latest_run, read_rows
 
-    latest = latest_run(read_rows(path))
+    flag = f"--student-tokenizer {student_tokenizer}"
+    rows = [r for r in read_rows(path) if (flag in r.get("args", "")) == (student_tokenizer != "chars")]
+    latest = latest_run(rows)
     if not latest:
         return f"{path}: no rows yet"
     shape = next(iter(latest.values()))["args"]
@@ -115,15 +130,18 @@ def build_models(args: argparse.Namespace, train: list[dict[str, Any]], workdir:
 
     t_hidden, t_layers = map(int, args.teacher_size.split("x"))
     s_hidden, s_layers = map(int, args.student_size.split("x"))
-    bpe = bpe_tokenizer([f"{r['prompt']}\n{r['response']}" for r in train], args.bpe_vocab)
+    texts = [f"{r['prompt']}\n{r['response']}" for r in train]
+    bpe = bpe_tokenizer(texts, args.bpe_vocab)
     teacher = save_bpe_checkpoint(
         workdir / "teacher-init", bpe, hidden_size=t_hidden, num_layers=t_layers,
         num_heads=max(1, t_hidden // 32), seed=args.seed + 1,
     )  # fmt: skip
-    student = save_tiny_checkpoint(
-        workdir / "student-init", hidden_size=s_hidden, num_layers=s_layers,
-        num_heads=max(1, s_hidden // 32), seed=args.seed + 2,
-    )  # fmt: skip
+    shape = {"hidden_size": s_hidden, "num_layers": s_layers, "num_heads": max(1, s_hidden // 32)}
+    if args.student_tokenizer == "bpe-multidigit":  # GPT-2's convention against SmolLM2's: numbers merge
+        own = bpe_tokenizer(texts, args.bpe_vocab, split_digits=False)
+        student = save_bpe_checkpoint(workdir / "student-init", own, seed=args.seed + 2, **shape)
+    else:
+        student = save_tiny_checkpoint(workdir / "student-init", seed=args.seed + 2, **shape)
     return str(teacher), str(student)
 
 
@@ -139,6 +157,10 @@ def main() -> None:
     parser.add_argument("--teacher-size", default="128x2", help="hidden x layers of the BPE teacher")
     parser.add_argument("--student-size", default="64x2", help="hidden x layers of the character student")
     parser.add_argument("--bpe-vocab", type=int, default=512)
+    parser.add_argument(
+        "--student-tokenizer", choices=list(STUDENT_TOKENIZERS), default="chars",
+        help="chars: kdray's character tokenizer; bpe-multidigit: a BPE of --bpe-vocab whose numbers merge",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--top-k", type=int, default=16)
@@ -160,7 +182,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     if args.report:
-        print(report_table(out))
+        print(report_table(out, args.student_tokenizer))
         return
 
     from kdray.run import init_ray
@@ -194,7 +216,7 @@ def main() -> None:
         teacher = str(trained)
     else:
         teacher = str(distill(cfg, train, held_out, workdir=workdir, name="teacher").export_path)
-    for name, path in ((TEACHER, teacher), (INIT, student_init)):
+    for name, path in ((TEACHER, teacher), (init_label(args), student_init)):
         if name in done:
             results.reuse(name)
         else:
@@ -215,7 +237,7 @@ def main() -> None:
         report(f"student: {name}", str(run.export_path), t0, run)
 
     print(f"\nheld-out: {args.eval_examples} examples; {(time.time() - started) / 60:.1f} minutes in all")
-    print(report_table(out))
+    print(report_table(out, args.student_tokenizer))
 
 
 if __name__ == "__main__":

@@ -21,11 +21,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, min_frequency: int = 2) -> Any:
+def bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, *, min_frequency: int = 2, split_digits: bool = True
+) -> Any:
     """A `PreTrainedTokenizerFast` with a byte-level BPE of about `vocab_size` tokens trained on `texts`.
 
     The 256 byte symbols and the special tokens come first, so `vocab_size` must exceed 256 + 3; what is
     left becomes merges of the most frequent pairs. `<|endoftext|>` is the EOS and padding token.
+    `split_digits=False` lets numbers merge into multi-digit tokens, as GPT-2's BPE does (SmolLM2's, the
+    default here, keeps one digit per token): the same text then splits differently on every number.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -34,9 +38,9 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, min_frequency:
     if vocab_size <= floor:
         raise ValueError(f"vocab_size={vocab_size} leaves no merges: the bytes and specials take {floor}")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
     trainer = trainers.BpeTrainer(
