@@ -8,9 +8,12 @@ costs seconds, not a teacher pass.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kdray.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["describe_resolved", "teacher_temperature", "validate_config"]
 
@@ -92,6 +95,15 @@ def _check_cross_tokenizer(cfg: Config) -> None:
             f"({', '.join(own)}), which reads the teacher's distribution id by id; the cross-tokenizer loss "
             "would replace it, not adapt it. Use a method whose loss is a divergence (supervised_kd, or gkd "
             "with objective.on_policy_fraction: 0), or a student with the teacher's tokenizer"
+        )
+    if loss == "gold" and not cfg.objective.cross_tokenizer_params.get("ce_weight"):
+        # TRL's default, kept as kdray's; but off-policy it collapsed both students of
+        # workflows/cross_tokenizer.py, so say so before the run rather than after
+        logger.warning(
+            "objective.cross_tokenizer = 'gold' with ce_weight 0 (TRL's default): in kdray's cross-tokenizer "
+            "benchmarks this made the student worse than its initialisation, with a character and with a "
+            "BPE student, while with ce_weight 1 both learned the task (docs/cross_tokenizer.md). Set "
+            "objective.cross_tokenizer_params.ce_weight: 1 unless you mean to reproduce TRL."
         )
 
 

@@ -134,6 +134,22 @@ def test_methods_the_loss_cannot_adapt_are_refused(method, match):
                                        "objective.cross_tokenizer=gold"]))  # fmt: skip
 
 
+def test_gold_without_cross_entropy_is_warned_about_before_the_run(caplog):
+    from kdray.validate import validate_config
+
+    base = ["objective.method=supervised_kd", "objective.cross_tokenizer=gold"]
+    with caplog.at_level("WARNING", logger="kdray.validate"):
+        validate_config(load_config(None, base))
+    assert "ce_weight: 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kdray.validate"):
+        validate_config(load_config(None, [*base, "objective.cross_tokenizer_params.ce_weight=1"]))
+        validate_config(
+            load_config(None, ["objective.method=supervised_kd", "objective.cross_tokenizer=uld"])
+        )
+    assert "ce_weight" not in caplog.text
+
+
 def test_docs_list_every_knob_with_its_default():
     doc = (ROOT / "docs" / "cross_tokenizer.md").read_text()
     for loss, knobs in CROSS_TOKENIZER_PARAMS.items():
