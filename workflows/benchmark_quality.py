@@ -398,6 +398,8 @@ def report(path: Path, task: str) -> str:
     commits = ", ".join(sorted({str(r.get("commit")) for r in rows}))
     machines = "; ".join(sorted({f"{r.get('cpu')}, {r.get('threads')} threads" for r in rows}))
     args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shape.items())
+    starts = sorted({r["start"] for r in students}, key=STARTS.index)
+    args += f" --starts {','.join(starts)}" if starts and len(starts) < len(STARTS) else ""
     lines += [
         "",
         f"Teacher: {teacher:.1f} ({teachers[-1]['params']:,} parameters); students "
