@@ -56,8 +56,10 @@ def report_table(path: Path, student_tokenizer: str = "chars") -> str:
     sharing the arguments of that run's last row."""
     from kdray.results import latest_run, read_rows
 
-    flag = f"--student-tokenizer {student_tokenizer}"
-    rows = [r for r in read_rows(path) if (flag in r.get("args", "")) == (student_tokenizer != "chars")]
+    def tokenizer(args: str) -> str:  # the character rows were written before the flag existed
+        return args.split("--student-tokenizer ")[1].split()[0] if "--student-tokenizer " in args else "chars"
+
+    rows = [r for r in read_rows(path) if tokenizer(r.get("args", "")) == student_tokenizer]
     latest = latest_run(rows)
     if not latest:
         return f"{path}: no rows yet"

@@ -199,6 +199,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "cross_tokenizer": lambda: _workflow("cross_tokenizer").report_table(
         ROOT / "benchmarks" / "cross_tokenizer.jsonl"
     ),
+    "cross_tokenizer_multidigit": lambda: _workflow("cross_tokenizer").report_table(
+        ROOT / "benchmarks" / "cross_tokenizer.jsonl", "bpe-multidigit"
+    ),
     "quality_arithmetic": lambda: _workflow("benchmark_quality").report(
         ROOT / "benchmarks" / "quality.jsonl", "arithmetic"
     ),
