@@ -19,6 +19,7 @@ reproducible across machines). GPU kernels are not affected.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -49,6 +50,7 @@ def pin_cpu_kernels() -> dict[str, str]:
     process starts, but this process keeps the kernels it initialised with: say so once.
     """
     env = cpu_kernel_env()
+    code_commit()  # read now, while the checkout is the one this process loaded
     missing = {k: v for k, v in env.items() if k not in os.environ}
     os.environ.update(missing)
     if missing and "torch" in sys.modules:
@@ -79,20 +81,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
+def code_commit() -> str:
+    """The short commit of the checkout this process's code came from, read once: a benchmark that runs
+    for hours while the checkout moves on stamps every row with the commit it started from (the code
+    Python loaded), not with whatever HEAD is when the row is written. `pin_cpu_kernels` reads it."""
+    from kdray.runs import git_commit
+
+    return (git_commit() or "unknown")[:7]
+
+
 def provenance(seed: int) -> dict[str, object]:
     """What a result row was measured with: seed, git commit, CPU model, torch threads and kernel level.
 
     Every benchmark row carries it, so a table can say where each number came from."""
-    import subprocess
-
     import torch
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     return {
         "seed": seed,
-        "commit": commit or "unknown",
+        "commit": code_commit(),
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "cpu_kernels": active_cpu_capability(),

@@ -49,3 +49,37 @@ def test_update_rows_merges_into_the_named_rows_only(tmp_path):
     assert update_rows(path, {"b": {"y": 9}, "missing": {"y": 0}}) == 1
     assert read_rows(path) == [{"key": "a", "x": 1}, {"key": "b", "x": 2, "y": 9}, {"x": 3}]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_rows_carry_the_commit_the_code_was_loaded_from_not_the_working_directorys(tmp_path, monkeypatch):
+    """A benchmark runs for hours while its checkout moves on, from any working directory: its rows name
+    the commit of kdray's own checkout as read when the process started."""
+    import subprocess
+    from pathlib import Path
+
+    import kdray
+    from kdray.determinism import code_commit, provenance
+
+    source = Path(kdray.__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True)
+    if head.returncode:
+        pytest.skip("kdray is not running from a git checkout")
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=other, check=True)
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "x"], cwd=other, check=True)
+    monkeypatch.chdir(other)
+    code_commit.cache_clear()
+    first = provenance(0)["commit"]
+    assert first == head.stdout.strip()[:7]
+    monkeypatch.setattr("kdray.runs.git_commit", lambda path=None: "f" * 40)  # HEAD moves on
+    assert provenance(0)["commit"] == first
+    code_commit.cache_clear()

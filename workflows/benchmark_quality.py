@@ -400,6 +400,8 @@ def report(path: Path, task: str) -> str:
     args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shape.items())
     starts = sorted({r["start"] for r in students}, key=STARTS.index)
     args += f" --starts {','.join(starts)}" if starts and len(starts) < len(STARTS) else ""
+    methods = [m for m in DEFAULT_METHODS.split(",") if any(r["method"] == m for r in students)]
+    args += f" --methods {','.join(methods)}" if len(methods) < len(DEFAULT_METHODS.split(",")) else ""
     lines += [
         "",
         f"Teacher: {teacher:.1f} ({teachers[-1]['params']:,} parameters); students "
