@@ -158,3 +158,30 @@ def test_heldout_cross_entropy_is_the_mean_nll_of_the_reference_response_tokens(
         count += int(response.sum())
     got = heldout_cross_entropy(path, records, chat_template=False, batch_size=2, **shape)
     assert got == pytest.approx(total / count, rel=1e-4)
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_an_exported_student_renders_prompts_as_its_training_did(tmp_path, chat_template):
+    """A student trained on raw prompts is exported without its tokenizer's chat template, so whoever
+    loads it (kdray eval with any config, vLLM, a pipeline) cannot wrap its prompts in a template it
+    never saw; one trained through the template keeps it."""
+    from transformers import AutoTokenizer
+
+    from kdray.config import load_config
+    from kdray.models.build import export_student
+    from kdray.models.prompts import encode_prompt
+    from kdray.models.tiny import tiny_causal_lm
+    from kdray.models.tokenizer import char_tokenizer
+    from kdray.train.trainer import loop_spec
+
+    cfg = load_config(None, [f"data.chat_template={str(chat_template).lower()}"])
+    spec = loop_spec(cfg, teacher_path=None, metrics_path=tmp_path / "m.jsonl", export_path=tmp_path / "s")
+    assert spec.chat_template is chat_template  # what the training loop hands `export_student`
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm(len(tokenizer), hidden_size=32, num_heads=2, seed=1)
+    export_student(model, tokenizer, spec.export_path, chat_template=spec.chat_template)
+    assert tokenizer.chat_template  # the training tokenizer keeps its template
+    loaded = AutoTokenizer.from_pretrained(spec.export_path)
+    prompt = "Tom has 3 apples."
+    trained_on = encode_prompt(tokenizer, prompt, chat_template=chat_template)
+    assert encode_prompt(loaded, prompt) == trained_on  # the default rendering of whoever loads it

@@ -84,11 +84,15 @@ def _set_special_ids(model: Any, tokenizer: Any) -> None:
 REWARD_HEAD_FILE = "reward_head.pt"
 
 
-def export_student(model: Any, tokenizer: Any, path: str | Path) -> Path:
+def export_student(model: Any, tokenizer: Any, path: str | Path, *, chat_template: bool = True) -> Path:
     """Save the student's LM as a normal HF checkpoint directory that any transformers user can load.
 
-    A kdray Student's reward head (X-KD) goes beside it as `reward_head.pt`, which transformers ignores:
-    the head is what the reward heat-map and AVA-style analyses read, not part of the served model.
+    A student trained on raw prompts (`chat_template=False`, the run's `data.chat_template`) is saved
+    without its tokenizer's chat template: whoever loads it (`kdray eval`, vLLM, a transformers
+    pipeline) renders a prompt through the template when there is one, and must then render it as the
+    student learned it. A kdray Student's reward head (X-KD) goes beside it as `reward_head.pt`, which
+    transformers ignores: the head is what the reward heat-map and AVA-style analyses read, not part of
+    the served model.
     """
     import torch
 
@@ -96,7 +100,12 @@ def export_student(model: Any, tokenizer: Any, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     lm = getattr(model, "lm", model)  # a kdray Student: the language model is the checkpoint
     lm.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    template = tokenizer.chat_template
+    tokenizer.chat_template = template if chat_template else None
+    try:
+        tokenizer.save_pretrained(path)
+    finally:
+        tokenizer.chat_template = template  # the training tokenizer is left as it was
     head = getattr(model, "head", None)
     if head is not None:
         state = {k: v.detach().cpu() for k, v in head.state_dict().items()}

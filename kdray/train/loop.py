@@ -79,6 +79,9 @@ class LoopSpec:
     by the driver (`kdray.train.resume`), leaving Ray nothing to hand out."""
     tracking: dict[str, Any] | None = None
     """MLflow run to log per-step metrics into from rank 0: {tracking_uri, experiment, run_id, spool_dir}."""
+    chat_template: bool = True
+    """`data.chat_template`: whether the prompts were rendered through the tokenizer's chat template,
+    which the export keeps only if so (`export_student`)."""
     progress_desc: str | None = None
     """Label of rank 0's progress report; None = silent."""
     progress_bar: bool = True
@@ -373,7 +376,9 @@ class TrainingLoop:
             if bar is not None:
                 bar.update(1)
         if self.rank == 0 and spec.export_path:
-            export_student(_unwrap(self.student), self.tokenizer, spec.export_path)
+            export_student(
+                _unwrap(self.student), self.tokenizer, spec.export_path, chat_template=spec.chat_template
+            )
 
     def _report(self, logs: dict[str, float], rates: dict[str, float]) -> None:
         """Metrics every `log_every` steps and at eval/checkpoint steps; every decision here depends on

@@ -108,6 +108,7 @@ def loop_spec(
         precision=t.precision,
         metrics_path=str(metrics_path),
         export_path=str(export_path) if export_path else None,
+        chat_template=cfg.data.chat_template,
     )
 
 
