@@ -235,6 +235,8 @@ def eval_command(args: argparse.Namespace) -> int:
     if records is None:
         return 2
     new_tokens = cfg.workflow.eval_max_new_tokens or cfg.data.max_response_tokens
+    if not cfg.data.chat_template:
+        _note_unused_templates(args.models)
     scores = {}
     for path in args.models:
         _, scores[path] = score_model(
@@ -254,6 +256,22 @@ def eval_command(args: argparse.Namespace) -> int:
         )  # fmt: skip
         print("\n" + format_lca_table(lca, cfg.data.task, len(records), lca_samples))
     return 0
+
+
+def _note_unused_templates(models: list[str]) -> None:
+    """A model with a chat template scored with `data.chat_template: false` sees raw prompts. A kdray
+    student keeps its template only when it was trained through it (`export_student`), so say so: a
+    config written for another model would otherwise score it on prompts it never saw, silently."""
+    from transformers import AutoTokenizer
+
+    for path in models:
+        if AutoTokenizer.from_pretrained(path).chat_template:
+            print(
+                f"note: {path} has a chat template but data.chat_template is false, so its prompts are scored "
+                "raw. A kdray student keeps its template only when it was trained through it: to score it as "
+                "trained, add data.chat_template=true",
+                file=sys.stderr,
+            )
 
 
 def eval_records(cfg: Any, data: str | None, limit: int | None) -> list[dict[str, Any]] | None:

@@ -161,7 +161,7 @@ def test_heldout_cross_entropy_is_the_mean_nll_of_the_reference_response_tokens(
 
 
 @pytest.mark.parametrize("chat_template", [True, False])
-def test_an_exported_student_renders_prompts_as_its_training_did(tmp_path, chat_template):
+def test_an_exported_student_renders_prompts_as_its_training_did(tmp_path, capsys, chat_template):
     """A student trained on raw prompts is exported without its tokenizer's chat template, so whoever
     loads it (kdray eval with any config, vLLM, a pipeline) cannot wrap its prompts in a template it
     never saw; one trained through the template keeps it."""
@@ -185,3 +185,11 @@ def test_an_exported_student_renders_prompts_as_its_training_did(tmp_path, chat_
     prompt = "Tom has 3 apples."
     trained_on = encode_prompt(tokenizer, prompt, chat_template=chat_template)
     assert encode_prompt(loaded, prompt) == trained_on  # the default rendering of whoever loads it
+
+    # scored with a config that renders raw prompts, a student trained through its template is flagged
+    data = _jsonl(tmp_path / "q.jsonl", [{"question": prompt, "answer": "#### 3"}])
+    cfg = _config(tmp_path / "cfg.yaml", "arithmetic")
+    raw = ["data.chat_template=false"]
+    assert main(["eval", str(spec.export_path), "--config", str(cfg), "--data", str(data), *raw]) == 0
+    flagged = "add data.chat_template=true" in capsys.readouterr().err
+    assert flagged is chat_template
