@@ -37,7 +37,14 @@ FULL = {"batch": 4, "steps": 30, "max_prompt": 192, "max_response": 192}
 RESULT = "[throughput result] "  # the child's answer line, among whatever its libraries print
 #: GSM8K under $KDRAY_DATA_DIR, else ../shared/data beside the checkout (as the tests look for it)
 DATA = Path(os.environ.get("KDRAY_DATA_DIR", ROOT.parent / "shared" / "data")) / "gsm8k"
-COMMON = {"lr": 5e-5, "top_k": 64, "beta": 0.5, "data": str(DATA)}
+# trl_precision: TRL runs as kdray trains (float32, no gradient checkpointing), not at its own defaults
+COMMON = {
+    "lr": 5e-5,
+    "top_k": 64,
+    "beta": 0.5,
+    "data": str(DATA),
+    "trl_precision": "float32, no checkpointing",
+}
 
 
 def _records(settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -195,6 +202,9 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
             weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], seed=0,
             lmbda=0.0, beta=settings["beta"], seq_kd=False, use_cpu=True, dataloader_num_workers=0,
             disable_tqdm=True,
+            # TRL's own defaults are bf16 autocast and gradient checkpointing; kdray's student trains in
+            # float32 without recomputation, so TRL does the same, or the race compares precisions
+            bf16=False, gradient_checkpointing=False,
         ),
         train_dataset=datasets.Dataset.from_list(examples),
         data_collator=collator,
@@ -353,6 +363,12 @@ def report(path: Path, quick: bool = True) -> str:
         f"SmolLM2-135M-Instruct teacher, its every-other-layer student; {s['batch']} GSM8K rows per step, "
         f"{s['steps']} steps, prompts ≤ {s['max_prompt']} and responses ≤ {s['max_response']} tokens, JSD(β = "
         f"{s['beta']}), lr {s['lr']:g}; kdray reads the teacher's top-{s['top_k']} log-probs + tail"
+        + (
+            "; both sides train in float32 without gradient checkpointing (TRL's defaults, bf16 autocast and "
+            "checkpointing, are turned off)"
+            if s.get("trl_precision")
+            else "; TRL at its defaults (bf16 autocast, gradient checkpointing)"
+        )
         + (
             f"; kdray-cached's teacher pass ({cached:.0f} s) ran before it and is not counted"
             if cached
