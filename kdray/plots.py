@@ -7,9 +7,10 @@ in Ray workers and threads; `Tracker.log_figure` renders them to PNG with Agg.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from kdray.runs import finite_number
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -35,7 +36,7 @@ def learning_curves(history: Sequence[Mapping[str, Any]], keys: Sequence[str] | 
         points = [
             (row.get("step", i), v)
             for i, row in enumerate(history)
-            if (v := _finite(row.get(key))) is not None
+            if (v := finite_number(row.get(key))) is not None
         ]
         if points:
             steps, values = zip(*points, strict=True)
@@ -79,7 +80,7 @@ def search_plot(trials: Sequence[Mapping[str, Any]], metric: str, types: Mapping
         for status, (marker, color) in _STATUS_STYLE.items():
             xs, ys = [], []
             for t in trials:
-                y = _finite(t.get("metric"))
+                y = finite_number(t.get("metric"))
                 if t.get("status") != status or y is None:
                     continue
                 value = t["config"].get(dim)
@@ -177,16 +178,6 @@ def quality_diversity(
 def _family(key: str) -> str:
     base = key.removeprefix("eval_")
     return base.split("/", 1)[0]
-
-
-def _finite(value: Any) -> float | None:
-    if value is None or isinstance(value, (str, bytes)):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _label(token: str) -> str:

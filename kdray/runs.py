@@ -1,5 +1,5 @@
 """MLflow runs apart from logging into them (that is `kdray.tracking`): where the store is, what a key
-may be named, a run's provenance, and the runs a workflow or a sweep looks up and ends.
+may be named, a run's provenance, and the runs a workflow or a sweep creates, looks up and ends.
 
 A process killed with SIGKILL cannot end its own run, a stopped workflow cannot end its steps' runs, and
 a resumed Tune trial has to find the run it started: these are queries of MLflow's client, keyed by
@@ -23,11 +23,14 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TrackingUnavailableError",
     "artifact_root",
     "close_child_runs",
     "close_stale_runs",
+    "create_run",
     "experiment_id",
     "find_run",
+    "finite_number",
     "flatten",
     "git_commit",
     "is_permanent",
@@ -52,6 +55,18 @@ def mlflow_key(key: Any) -> str:
     as `scores.student xkd.exact_match` instead of being rejected and lost."""
     clean = _BAD_KEY_CHARS.sub("_", str(key).replace("(", "").replace(")", "")).strip()
     return "/".join(p if p not in ("", ".", "..") else "_" for p in clean.split("/")) or "_"
+
+
+def finite_number(value: Any) -> float | None:
+    """`value` as a float if it is one finite number (a Python or NumPy scalar, a one-element tensor);
+    None for NaN, inf, None, strings and multi-element tensors: metrics MLflow and a plot can take."""
+    if isinstance(value, (str, bytes)) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor with more than one element
+        return None
+    return number if math.isfinite(number) else None
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -137,6 +152,53 @@ def experiment_id(client: Any, name: str, tracking_uri: str = "") -> str:
     if experiment.lifecycle_stage == "deleted":
         raise ValueError(f"MLflow experiment {name!r} is deleted; restore it or set tracking.experiment")
     return experiment.experiment_id
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking store did not answer while a run had to be created (the only blocking step)."""
+
+
+def create_run(
+    client: Any,
+    experiment: str,
+    tracking_uri: str,
+    *,
+    name: str | None = None,
+    parent: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    timeout_s: float = 120.0,
+) -> tuple[str, str]:
+    """(run id, experiment id) of a new run of `experiment`, nested under `parent`, tagged with its
+    provenance: kdray's version, the commit, and the host and pid by which `close_stale_runs` tells that
+    its process died. Retries for `timeout_s`, then raises `TrackingUnavailableError`."""
+    from kdray import __version__
+
+    all_tags = {
+        "kdray.version": __version__,
+        "kdray.host": socket.gethostname(),
+        "kdray.pid": str(os.getpid()),
+    }
+    all_tags |= {str(k): str(v) for k, v in (tags or {}).items()}
+    if commit := git_commit():
+        all_tags["mlflow.source.git.commit"] = commit
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent  # how the MLflow UI nests runs
+    found: list[str] = []  # the experiment, looked up once across retries
+
+    def create() -> str:
+        found[:] = found or [experiment_id(client, experiment, tracking_uri)]
+        return client.create_run(found[0], run_name=name, tags=all_tags).info.run_id
+
+    try:
+        return retry(create, timeout_s=timeout_s, what=f"creating a run at MLflow {tracking_uri}"), found[0]
+    except Exception as err:
+        if is_permanent(err):
+            raise
+        raise TrackingUnavailableError(
+            f"MLflow at {tracking_uri} did not answer within {timeout_s:.0f}s ({type(err).__name__}: "
+            f"{str(err)[:300]}). Start the server or fix tracking.tracking_uri / $MLFLOW_TRACKING_URI "
+            "(`kdray doctor` checks it), or run without tracking with `tracking.enabled: false`."
+        ) from err
 
 
 def find_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> str | None:

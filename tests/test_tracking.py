@@ -233,25 +233,32 @@ def test_spool_of_another_run_is_refused(sqlite_uri, tmp_path):
     spool = tmp_path / "spool"
     spool.mkdir()
     (spool / "spool.run").write_text("0123abcd")
-    (spool / "spool.jsonl").write_text('{"op":"tags","tags":{"a":"b"}}\n')
+    (spool / "000000000003.json").write_text('{"op":"tags","tags":{"a":"b"}}')
     with pytest.raises(ValueError, match="unsent calls of run 0123abcd"):
         _tracker(sqlite_uri, spool, run_name="wrong-spool")
 
 
-def test_spool_left_by_a_crash_mid_line_is_resent(sqlite_uri, tmp_path):
+def test_spool_left_by_a_crash_mid_write_is_resent_and_a_corrupt_record_dropped(sqlite_uri, tmp_path, caplog):
     client = MlflowClient(sqlite_uri)
     run_id = client.create_run(_experiment(client, "kdray-test"), run_name="torn").info.run_id
     spool = tmp_path / "spool"
-    # a process that never reached its server, then died while writing a line
+    # a process that never reached its server, then died while writing a record
     dead = Tracker(f"http://127.0.0.1:{free_port()}", "kdray-test", run_id=run_id, spool_dir=spool)
     for step in range(10):
         dead.log_metrics({"loss": float(step)}, step=step)
+    dead.log_metrics({"loss": 10.0}, step=10)
     dead.close(timeout_s=0.2)
-    with open(spool / "spool.jsonl", "ab") as f:
-        f.write(b'{"op":"metrics","step":10,"ts":1,"metr')
+    records = sorted(spool.glob("*.json"))
+    assert len(records) == 12, "ten metrics records, the corrupt one, and the terminate record"
+    records[-2].write_bytes(b'{"op":"metrics","step":10,"ts":1,"metr')  # the disk lost its end
+    (spool / "000000000099.tmp").write_bytes(b'{"op":"metrics","st')  # a write that never returned
 
-    with _tracker(sqlite_uri, spool, run_id=run_id) as resumed:
+    with (
+        caplog.at_level(logging.WARNING, logger="kdray.tracking"),
+        _tracker(sqlite_uri, spool, run_id=run_id) as resumed,
+    ):
         resumed.log_metrics({"loss": 11.0}, step=11)
+    assert "dropped a unreadable record" in caplog.text
     assert _history(sqlite_uri, run_id, "loss") == [(s, float(s)) for s in (*range(10), 11)]
     assert client.get_run(run_id).info.status == "FINISHED"
 
@@ -342,7 +349,7 @@ def test_a_record_mlflow_refuses_is_dropped_alone_and_the_rest_of_its_batch_arri
         tracker.log_metrics({"loss": 0.5}, step=1)
         with caplog.at_level(logging.WARNING, logger="kdray.tracking"):
             assert tracker.flush(timeout_s=30), "a refused record must not block the spool"
-    assert "rejected a params record" in caplog.text and "rejected a metrics record" in caplog.text
+    assert "dropped a params record" in caplog.text and "dropped a metrics record" in caplog.text
     assert _history(sqlite_uri, tracker.run_id, "loss") == [(0, 1.0), (1, 0.5)]
     assert MlflowClient(sqlite_uri).get_run(tracker.run_id).data.params == {"seed": "1"}
 
@@ -479,7 +486,7 @@ def test_a_new_tracker_resends_what_a_dead_process_left(server, tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="kdray.tracking"):
         first.close(timeout_s=1.0)
     assert str(spool) in caplog.text and run_id in caplog.text, "the warning says how to resend"
-    assert (spool / "spool.jsonl").stat().st_size > 0
+    assert len(list(spool.glob("*.json"))) == 33, "30 metrics, a param, a file, and the end of the run"
 
     second = Tracker(server.uri, "kdray-resume", run_id=run_id, spool_dir=spool, flush_interval_s=0.05)
     second.log_metrics({"loss": 30.0}, step=30)
