@@ -246,7 +246,7 @@ def test_ray_job_submit_runs_the_workflow_into_mlflow(tmp_path, mlflow_server):
         workdir,
         workflow={"baseline": False},
         tracking={"enabled": True, "tracking_uri": mlflow_server.uri, "experiment": "kdray-job-test",
-                  "registered_model": "kdray-job-student", "log_every": 1},
+                  "registered_model": "kdray-job-student", "log_every": 1, "system_metrics_s": 0.5},
     )  # fmt: skip
     path = write_config(tmp_path / "cfg.yaml", cfg)
     head = RayHead(Path("/tmp") / f"kdray-head-{os.getpid()}")
@@ -279,6 +279,10 @@ def test_ray_job_submit_runs_the_workflow_into_mlflow(tmp_path, mlflow_server):
     assert client.get_metric_history(distill, "xkd/td_nll")  # every loss term, X-KD parts included
     for key in ("lr", "tokens_per_s", "eval_loss"):
         assert client.get_metric_history(distill, key), key
+    # MLflow's monitor of the training node, sampled into the distill run
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        by_step["distill"].data.metrics
+    )
     artifacts = {a.path for a in client.list_artifacts(distill)}
     assert "learning_curves.png" in artifacts
     evaluation = {a.path for a in client.list_artifacts(by_step["evaluate"].info.run_id)}

@@ -108,10 +108,14 @@ class TrackingConfig:
     """Steps between metric logs."""
     registered_model: str | None = None
     """Register the distilled student under this name in the MLflow model registry; None = do not."""
+    system_metrics_s: float = 10.0
+    """Seconds between samples of CPU, memory, disk, network (and GPU) use on the training node, logged
+    by MLflow's own monitor into the distill run as `system/...`; 0 = off."""
 
     def __post_init__(self) -> None:
         non_empty(self, "experiment")
         at_least(self, "log_every", 1)
+        at_least(self, "system_metrics_s", 0)
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,7 @@ from kdray.train.session import RayTrainSession
 from kdray.train.state import method_state
 from kdray.train.step import NonFiniteLossError, StepConfig, to_tensors, train_step
 
-#: per-step fields of metrics.jsonl that are bookkeeping, not curves (a pid, wall-clock stamps): kept in
-#: the file, left out of MLflow and of Tune's results
+#: bookkeeping fields of metrics.jsonl (a pid, wall-clock stamps): not curves for MLflow or Tune
 BOOKKEEPING = frozenset({"worker_pid", "first_step_at", "step_done_at"})
 
 
@@ -78,7 +77,7 @@ class LoopSpec:
     moment after reporting is restarted with none), and a snapshot a full disk damaged is moved aside
     by the driver (`kdray.train.resume`), leaving Ray nothing to hand out."""
     tracking: dict[str, Any] | None = None
-    """MLflow run to log per-step metrics into from rank 0: {tracking_uri, experiment, run_id, spool_dir}."""
+    """MLflow run rank 0 logs into: {tracking_uri, experiment, run_id, spool_dir, system_metrics_s}."""
     chat_template: bool = True
     """`data.chat_template`: whether the prompts were rendered through the tokenizer's chat template,
     which the export keeps only if so (`export_student`)."""
@@ -245,6 +244,19 @@ def _tracker(spec: LoopSpec, rank: int) -> Any:
     )
 
 
+def _system_metrics(spec: LoopSpec, rank: int) -> Any:
+    """MLflow's own monitor of the node's CPU, memory, disk, network and GPU use, sampled into the step's
+    run every `system_metrics_s` from rank 0. Best effort: it stops at a failed request."""
+    t = spec.tracking or {}
+    if rank != 0 or not t.get("system_metrics_s"):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(t["run_id"], t["system_metrics_s"], tracking_uri=t["tracking_uri"])
+    monitor.start()
+    return monitor
+
+
 def _progress_bar(spec: LoopSpec, rank: int, start: int) -> Any:
     """A bar over optimizer steps on the driver's console (Ray relays tqdm_ray bars from workers)."""
     if rank != 0 or not spec.progress_desc or not spec.progress_bar:
@@ -309,12 +321,14 @@ class TrainingLoop:
         spec, state = self.spec, self.state
         owned = getattr(self.session, "tracker", None)  # a Tune trial's own run, which the trial ends
         self.tracker = owned or _tracker(spec, self.rank)
-        bar = _progress_bar(spec, self.rank, state.step)
+        bar, monitor = _progress_bar(spec, self.rank, state.step), _system_metrics(spec, self.rank)
         try:
             self._steps(bar)
         finally:
             if bar is not None:
                 bar.close()
+            if monitor is not None:
+                monitor.finish()
             if self.tracker is not None and owned is None:
                 self.tracker.close(status=None, timeout_s=30)  # the step that owns the run ends it
 

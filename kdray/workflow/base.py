@@ -73,6 +73,7 @@ def run_tracking(ctx: StepContext) -> dict[str, Any] | None:
         "experiment": ctx.tracker.experiment,
         "run_id": ctx.tracker.run_id,
         "spool_dir": str(ctx.directory / "mlflow-spool-rank0"),
+        "system_metrics_s": ctx.cfg.tracking.system_metrics_s,
     }
 
 
