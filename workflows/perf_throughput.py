@@ -22,6 +22,7 @@ process tree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -285,7 +286,7 @@ def throughput(
 ) -> list[dict[str, Any]]:
     """Every system under every allocator, in one run; one row each (see the module docstring).
     `overrides` replace settings (the tests: tiny models, `top_k: None` for the full-vocabulary signal)."""
-    from kdray.determinism import cpu_kernel_env, provenance
+    from kdray.determinism import cpu_kernel_env
 
     workdir.mkdir(parents=True, exist_ok=True)
     overrides = overrides or {}
@@ -301,17 +302,52 @@ def throughput(
     for allocator, env in allocators.items():
         for system in SYSTEMS:
             measured = spawn(system, settings, {**base, **env})
-            row = {"bench": "throughput", "system": system, "allocator": allocator, "quick": quick,
-                   **measured, "step0_loss": measured["losses"][0], "final_loss": measured["losses"][-1],
-                   **({"teacher_pass_s": cache["teacher_pass_s"]} if system == "kdray-cached" else {}),
-                   "matmul_peak_flops": peak["matmul_peak_flops"], "student_params": peak["student_params"],
-                   "mfu": _mfu(measured.get("steady_tokens_per_s"), peak),
-                   "settings": {k: v for k, v in settings.items() if k not in ("workdir", "cache_dir")},
-                   **provenance(0)}  # fmt: skip
-            print(json.dumps({k: row[k] for k in ("system", "allocator", "tokens_per_s", "step0_loss",
-                                                  "final_loss", "peak_rss_mib")}), flush=True)  # fmt: skip
-            rows.append(row)
+            rows.append(_row(system, allocator, quick, measured, cache, peak, settings))
+    if not quick:  # kdray as `ray job submit` runs it: joining a cluster that is already up
+        with _running_cluster() as address:
+            for system in SYSTEMS[1:]:
+                measured = spawn(system, settings, {**base, "RAY_ADDRESS": address})
+                rows.append(_row(system, "stock", quick, measured, cache, peak, settings, ray="running"))
     return rows
+
+
+@contextlib.contextmanager
+def _running_cluster() -> Any:
+    """A local Ray instance held by this process while the children join it (by its GCS address), so
+    their start-up has no Ray start in it; its processes are not in a child's peak RSS."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _row(
+    system: str,
+    allocator: str,
+    quick: bool,
+    measured: dict[str, Any],
+    cache: dict[str, Any],
+    peak: dict[str, Any],
+    settings: dict[str, Any],
+    ray: str = "started by the run",
+) -> dict[str, Any]:
+    """One result line; `ray`: whether a kdray process started its own Ray or joined a running one."""
+    from kdray.determinism import provenance
+
+    row = {"bench": "throughput", "system": system, "allocator": allocator, "quick": quick,
+           **({"ray": ray} if system != "trl" else {}),
+           **measured, "step0_loss": measured["losses"][0], "final_loss": measured["losses"][-1],
+           **({"teacher_pass_s": cache["teacher_pass_s"]} if system == "kdray-cached" else {}),
+           "matmul_peak_flops": peak["matmul_peak_flops"], "student_params": peak["student_params"],
+           "mfu": _mfu(measured.get("steady_tokens_per_s"), peak),
+           "settings": {k: v for k, v in settings.items() if k not in ("workdir", "cache_dir")},
+           **provenance(0)}  # fmt: skip
+    print(json.dumps({k: row[k] for k in ("system", "allocator", "tokens_per_s", "step0_loss",
+                                          "final_loss", "peak_rss_mib")}), flush=True)  # fmt: skip
+    return row
 
 
 def _mfu(tokens_per_s: float | None, peak: dict[str, Any]) -> float | None:
@@ -331,9 +367,11 @@ def report(path: Path, quick: bool = True) -> str:
             + (" --quick" if quick else "")
         )
     last = rows[-1]
-    rows = [r for r in rows if r["commit"] == last["commit"] and r["quick"] == last["quick"]][
-        -2 * len(SYSTEMS) :
-    ]
+    latest: dict[tuple[str, str, str], dict[str, Any]] = {}  # a rerun at the same commit replaces its rows
+    for r in rows:
+        if r["commit"] == last["commit"]:
+            latest[(r["system"], r["allocator"], r.get("ray", ""))] = r
+    rows = list(latest.values())
     trl = {r["allocator"]: r for r in rows if r["system"] == "trl"}
 
     def vs_trl(r: dict[str, Any], key: str) -> str:
@@ -350,7 +388,7 @@ def report(path: Path, quick: bool = True) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['system']} | {r['allocator']} | {r['tokens_per_s']:.1f} | {vs_trl(r, 'tokens_per_s')} "
+            f"| {r['system']}{' (Ray running)' if r.get('ray') == 'running' else ''} | {r['allocator']} | {r['tokens_per_s']:.1f} | {vs_trl(r, 'tokens_per_s')} "
             f"| {r['wall_s']:.0f} | {num(r.get('first_step_s'), '.0f')} | {num(r.get('steady_tokens_per_s'), '.1f')} "
             f"| {vs_trl(r, 'steady_tokens_per_s')} | {num(r.get('mfu'), '.0%')} | {r['step0_loss']:.4f} "
             f"| {r['final_loss']:.4f} "
@@ -372,6 +410,12 @@ def report(path: Path, quick: bool = True) -> str:
         + (
             f"; kdray-cached's teacher pass ({cached:.0f} s) ran before it and is not counted"
             if cached
+            else ""
+        )
+        + (
+            "; *(Ray running)*: the kdray process joined a Ray instance already up, as under `ray job submit`, "
+            "instead of starting its own"
+            if any(r.get("ray") == "running" for r in rows)
             else ""
         )
         + (
