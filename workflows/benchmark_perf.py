@@ -148,6 +148,10 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="--throughput in under 10 minutes on 2 cores")
     parser.add_argument(
+        "--ray-running", action="store_true",
+        help="--throughput: only the kdray rows that join a running Ray (the full run ends with them)",
+    )  # fmt: skip
+    parser.add_argument(
         "--workdir", default=str(ROOT / "runs" / "perf"), help="checkpoints and runs of --throughput"
     )
     parser.add_argument("--vocab", type=int, default=49152)
@@ -174,7 +178,10 @@ def main() -> None:
     if args.throughput:
         import perf_throughput
 
-        append_rows(args.out, perf_throughput.throughput(args.quick, Path(args.workdir), ALLOCATORS))
+        rows = perf_throughput.throughput(
+            args.quick, Path(args.workdir), ALLOCATORS, running_only=args.ray_running
+        )
+        append_rows(args.out, rows)
         print(perf_throughput.report(Path(args.out)))
     if args.loss_memory:
         append_rows(args.out, loss_memory(args))

@@ -283,9 +283,11 @@ def throughput(
     workdir: Path,
     allocators: dict[str, dict[str, str]],
     overrides: dict[str, Any] | None = None,
+    running_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Every system under every allocator, in one run; one row each (see the module docstring).
-    `overrides` replace settings (the tests: tiny models, `top_k: None` for the full-vocabulary signal)."""
+    `overrides` replace settings (the tests: tiny models, `top_k: None` for the full-vocabulary signal).
+    The full run ends with kdray joining a running Ray; `running_only` measures those rows alone."""
     from kdray.determinism import cpu_kernel_env
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -299,11 +301,11 @@ def throughput(
     rows = []
     print(f"[throughput] {'quick' if quick else 'full'}: {SYSTEMS} x {list(allocators)}; cached teacher pass "
           f"{cache['teacher_pass_s']:.0f} s", flush=True)  # fmt: skip
-    for allocator, env in allocators.items():
+    for allocator, env in {} if running_only else allocators.items():
         for system in SYSTEMS:
             measured = spawn(system, settings, {**base, **env})
             rows.append(_row(system, allocator, quick, measured, cache, peak, settings))
-    if not quick:  # kdray as `ray job submit` runs it: joining a cluster that is already up
+    if running_only or not quick:  # kdray as `ray job submit` runs it: joining a cluster that is up
         with _running_cluster() as address:
             for system in SYSTEMS[1:]:
                 measured = spawn(system, settings, {**base, "RAY_ADDRESS": address})
@@ -317,7 +319,10 @@ def _running_cluster() -> Any:
     their start-up has no Ray start in it; its processes are not in a child's peak RSS."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    from kdray.run import local_cpus
+
+    # the CPUs a private instance would have: the worker holds whole ones, its data tasks need more
+    ray.init(num_cpus=local_cpus(), include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -367,11 +372,12 @@ def report(path: Path, quick: bool = True) -> str:
             + (" --quick" if quick else "")
         )
     last = rows[-1]
-    latest: dict[tuple[str, str, str], dict[str, Any]] = {}  # a rerun at the same commit replaces its rows
+    latest: dict[tuple[str, str, str], dict[str, Any]] = {}  # the newest row of each system and setting
     for r in rows:
-        if r["commit"] == last["commit"]:
+        if r["settings"] == last["settings"]:
             latest[(r["system"], r["allocator"], r.get("ray", ""))] = r
     rows = list(latest.values())
+    commits = ", ".join(dict.fromkeys(r["commit"] for r in rows))
     trl = {r["allocator"]: r for r in rows if r["system"] == "trl"}
 
     def vs_trl(r: dict[str, Any], key: str) -> str:
@@ -392,7 +398,7 @@ def report(path: Path, quick: bool = True) -> str:
             f"| {r['wall_s']:.0f} | {num(r.get('first_step_s'), '.0f')} | {num(r.get('steady_tokens_per_s'), '.1f')} "
             f"| {vs_trl(r, 'steady_tokens_per_s')} | {num(r.get('mfu'), '.0%')} | {r['step0_loss']:.4f} "
             f"| {r['final_loss']:.4f} "
-            f"| {r['peak_rss_mib']:,} |"
+            f"| {'–' if r.get('ray') == 'running' else format(r['peak_rss_mib'], ',')} |"
         )
     s = last["settings"]
     cached = next((r.get("teacher_pass_s") for r in rows if r.get("teacher_pass_s")), None)
@@ -414,7 +420,7 @@ def report(path: Path, quick: bool = True) -> str:
         )
         + (
             "; *(Ray running)*: the kdray process joined a Ray instance already up, as under `ray job submit`, "
-            "instead of starting its own"
+            "instead of starting its own (its workers belong to that instance, so no peak RSS is shown)"
             if any(r.get("ray") == "running" for r in rows)
             else ""
         )
@@ -427,7 +433,7 @@ def report(path: Path, quick: bool = True) -> str:
         )
         + f". From `{path.name}`: `python workflows/benchmark_perf.py --throughput"
         + (" --quick" if last["quick"] else "")
-        + f"`; commit {last['commit']}; {last['cpu']}, {last['threads']} threads.",
+        + f"`; commit {commits}; {last['cpu']}, {last['threads']} threads.",
     ]
     return "\n".join(lines)
 
