@@ -183,14 +183,13 @@ def create_run(
         all_tags["mlflow.source.git.commit"] = commit
     if parent:
         all_tags["mlflow.parentRunId"] = parent  # how the MLflow UI nests runs
-    found: list[str] = []  # the experiment, looked up once across retries
 
-    def create() -> str:
-        found[:] = found or [experiment_id(client, experiment, tracking_uri)]
-        return client.create_run(found[0], run_name=name, tags=all_tags).info.run_id
+    def create() -> tuple[str, str]:
+        experiment_key = experiment_id(client, experiment, tracking_uri)
+        return client.create_run(experiment_key, run_name=name, tags=all_tags).info.run_id, experiment_key
 
     try:
-        return retry(create, timeout_s=timeout_s, what=f"creating a run at MLflow {tracking_uri}"), found[0]
+        return retry(create, timeout_s=timeout_s, what=f"creating a run at MLflow {tracking_uri}")
     except Exception as err:
         if is_permanent(err):
             raise

@@ -38,14 +38,9 @@ FULL = {"batch": 4, "steps": 30, "max_prompt": 192, "max_response": 192}
 RESULT = "[throughput result] "  # the child's answer line, among whatever its libraries print
 #: GSM8K under $KDRAY_DATA_DIR, else ../shared/data beside the checkout (as the tests look for it)
 DATA = Path(os.environ.get("KDRAY_DATA_DIR", ROOT.parent / "shared" / "data")) / "gsm8k"
-# trl_precision: TRL runs as kdray trains (float32, no gradient checkpointing), not at its own defaults
-COMMON = {
-    "lr": 5e-5,
-    "top_k": 64,
-    "beta": 0.5,
-    "data": str(DATA),
-    "trl_precision": "float32, no checkpointing",
-}
+#: TRL runs as kdray trains (float32, no gradient checkpointing), not at its own defaults
+TRL_AS_KDRAY = "float32, no checkpointing"
+COMMON = {"lr": 5e-5, "top_k": 64, "beta": 0.5, "data": str(DATA), "trl_precision": TRL_AS_KDRAY}
 
 
 def _records(settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -163,6 +158,7 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
     from kdray.data.tokenize import collate, pad_id_of, tokenize_example
 
     torch.set_num_threads(2)
+    float32 = settings["trl_precision"] == TRL_AS_KDRAY  # the row's label is what TRL was given
     tokenizer = AutoTokenizer.from_pretrained(settings["teacher"])
     examples = [
         tokenize_example(tokenizer, r["prompt"], r["response"], max_prompt_tokens=settings["max_prompt"],
@@ -205,7 +201,7 @@ def run_trl(settings: dict[str, Any]) -> dict[str, Any]:
             disable_tqdm=True,
             # TRL's own defaults are bf16 autocast and gradient checkpointing; kdray's student trains in
             # float32 without recomputation, so TRL does the same, or the race compares precisions
-            bf16=False, gradient_checkpointing=False,
+            bf16=not float32, gradient_checkpointing=not float32,
         ),
         train_dataset=datasets.Dataset.from_list(examples),
         data_collator=collator,
