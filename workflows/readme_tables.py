@@ -118,26 +118,34 @@ def seeds_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldout_
     return "\n".join(lines)
 
 
+#: overrides that change where a run writes or what it logs, not what it trains: left out of the table
+NOT_TRAINING = ("workflow.results_file=", "workflow.workdir=", "workflow.lca_samples=", "tracking.enabled=")
+
+
 def variants_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldout_ce")) -> str:
     """One line per run of the quickstart with overrides (the same teacher, one setting changed): the
     SFT-only and the distilled student side by side, and the distilled one's lead. What moves the
     quickstart's comparison, and by how much, next to the run as committed."""
     runs = _runs(read_rows(path))
     cols = " | ".join(f"{m}: SFT only / distilled (lead)" for m in metrics)
-    lines = [f"| overrides | teacher {metrics[0]} | {cols} |", "|---|---:|" + "---:|" * len(metrics)]
+    lines = [
+        f"| overrides | machine | teacher {metrics[0]} | {cols} |",
+        "|---|---|---:|" + "---:|" * len(metrics),
+    ]
     for run in runs:
         by_model = {r["model"]: r["scores"] for r in run}
         student = next((m for m in by_model if m.startswith("student") and m != BASELINE), None)
         if student is None or BASELINE not in by_model:
             continue
         words = run[0]["command"].split()[4:]  # after "kdray run --config <file>"
-        shown = " ".join(f"`{w}`" for w in words if not w.startswith("workflow.results_file=")) or "(none)"
+        shown = " ".join(f"`{w}`" for w in words if not w.startswith(NOT_TRAINING)) or "(none)"
+        machine = f"{run[0]['cpu'].split('(')[0].split()[0]} {run[0]['cpu_kernels']}"
         cells = []
         for m in metrics:
             base, own = by_model[BASELINE][m], by_model[student][m]
             cells.append(f"{base:.3g} / {own:.3g} ({own - base:+.3g})")
         teacher = by_model.get("teacher", {}).get(metrics[0], float("nan"))
-        lines.append(f"| {shown} | {teacher:.3g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {shown} | {machine} | {teacher:.3g} | " + " | ".join(cells) + " |")
     commits = ", ".join(sorted({run[0]["commit"] for run in runs}))
     lines += ["", f"From `{path.relative_to(ROOT)}`: one run each, data seed 0; commit {commits}."]
     return "\n".join(lines)
