@@ -137,7 +137,8 @@ def test_the_variants_table_puts_each_overridden_run_beside_its_sft_twin(tmp_pat
 
     tables = _tables()
     monkeypatch.setattr(tables, "ROOT", tmp_path)
-    base = {"commit": "abc1234", "cpu": "x", "threads": 2, "metric": "exact_match"}
+    base = {"commit": "abc1234", "cpu": "Intel(R) Xeon(R)", "cpu_kernels": "AVX2", "threads": 2}
+    base["metric"] = "exact_match"
 
     def run(command: str, wall: float, scores: dict[str, tuple[float, float]]) -> list[dict]:
         return [
@@ -158,7 +159,45 @@ def test_the_variants_table_puts_each_overridden_run_beside_its_sft_twin(tmp_pat
     path = tmp_path / "variants.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = tables.variants_table(path).splitlines()
-    assert lines[2] == "| `train.lr=3e-3` | 75.5 | 33.5 / 35.5 (+2) | 0.072 / 0.068 (-0.004) |"
+    assert lines[2] == "| `train.lr=3e-3` | Intel AVX2 | 75.5 | 33.5 / 35.5 (+2) | 0.072 / 0.068 (-0.004) |"
     assert len([line for line in lines if line.startswith("| `")]) == 1 and "results_file" not in "\n".join(
         lines
     )
+
+
+def test_the_machines_table_keeps_each_machines_latest_plain_run_and_the_leads_spread(tmp_path, monkeypatch):
+    import json
+
+    tables = _tables()
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+
+    def run(
+        command: str, cpu: str, kernels: str, seed: int, commit: str, scores: tuple[float, ...]
+    ) -> list[dict]:
+        common = {"command": command, "cpu": cpu, "cpu_kernels": kernels, "data_seed": seed, "commit": commit}
+        common.update(wall_s=1.0, threads=2, metric="exact_match")
+        models = ("teacher", "student (SFT only)", "student (xkd)")
+        return [
+            {**common, "model": m, "scores": {"exact_match": v}} for m, v in zip(models, scores, strict=True)
+        ]
+
+    q = "kdray run --config workflows/configs/quickstart.yaml"
+    old = run(q, "AMD EPYC 9B14", "AVX2", 0, "aaa0001", (70.0, 20.0, 30.0))  # replaced by the later run
+    rows = old + run(q, "AMD EPYC 9B14", "AVX2", 0, "aaa0002", (71.5, 24.5, 31.5))
+    rows += run(
+        f"{q} data.seed=1 workflow.workdir=w", "Intel(R) Xeon(R)", "AVX2", 1, "bbb0001", (82.5, 70.0, 66.0)
+    )
+    rows += run(
+        f"{q} train.max_steps=600", "Intel(R) Xeon(R)", "AVX2", 0, "bbb0002", (82.5, 87.5, 75.0)
+    )  # trains other
+    rows += run(
+        "kdray run --config other.yaml", "Intel(R) Xeon(R)", "AVX2", 0, "bbb0003", (1.0, 2.0, 3.0)
+    )  # other
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = tables.machines_table([path]).splitlines()
+    assert lines[2:5] == [
+        "| AMD AVX2 | 0 | aaa0002 | 71.5 | 24.5 | 31.5 | +7.0 |",
+        "| Intel AVX2 | 1 | bbb0001 | 82.5 | 70.0 | 66.0 | -4.0 |",
+        "| mean ± sd over 2 runs |  |  |  |  |  | +1.5 ± 7.8 |",
+    ]

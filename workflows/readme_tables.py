@@ -139,7 +139,7 @@ def variants_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldo
             continue
         words = run[0]["command"].split()[4:]  # after "kdray run --config <file>"
         shown = " ".join(f"`{w}`" for w in words if not w.startswith(NOT_TRAINING)) or "(none)"
-        machine = f"{run[0]['cpu'].split('(')[0].split()[0]} {run[0]['cpu_kernels']}"
+        machine = machine_of(run[0])
         cells = []
         for m in metrics:
             base, own = by_model[BASELINE][m], by_model[student][m]
@@ -148,6 +148,49 @@ def variants_table(path: Path, metrics: tuple[str, ...] = ("exact_match", "heldo
         lines.append(f"| {shown} | {machine} | {teacher:.3g} | " + " | ".join(cells) + " |")
     commits = ", ".join(sorted({run[0]["commit"] for run in runs}))
     lines += ["", f"From `{path.relative_to(ROOT)}`: one run each, data seed 0; commit {commits}."]
+    return "\n".join(lines)
+
+
+QUICKSTART = "workflows/configs/quickstart.yaml"
+
+
+def machine_of(row: dict[str, Any]) -> str:
+    """A row's CPU vendor and kernel level, e.g. `Intel AVX2`: what a results table names a machine by."""
+    return f"{row['cpu'].split('(')[0].split()[0]} {row['cpu_kernels']}"
+
+
+def machines_table(paths: list[Path], metric: str = "exact_match") -> str:
+    """Every machine's latest run of the quickstart at its committed settings (no override but the data
+    seed and where it writes), per data seed: teacher, SFT-only, the distilled student and its lead, then
+    the lead's mean ± sd over those runs. The files are read in order, a later run replacing an earlier
+    one of the same machine, kernels and seed; a machine is how the quickstart moved most, so this is the
+    spread a user on another machine should expect."""
+    import statistics
+
+    latest: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for path in paths:
+        for run in _runs(read_rows(path)):
+            words = run[0]["command"].split()
+            trains = [w for w in words[4:] if not w.startswith((*NOT_TRAINING, "data.seed="))]
+            if words[3] == QUICKSTART and not trains:
+                latest[(machine_of(run[0]), run[0]["data_seed"])] = run
+    lines = [
+        f"| machine | data seed | commit | teacher | SFT only | distilled | lead ({metric}) |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    leads = []
+    for (machine, seed), run in sorted(latest.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        by_model = {r["model"]: r["scores"][metric] for r in run}
+        student = next(m for m in by_model if m.startswith("student") and m != BASELINE)
+        lead = by_model[student] - by_model[BASELINE]
+        leads.append(lead)
+        cells = [by_model.get("teacher", float("nan")), by_model[BASELINE], by_model[student]]
+        row = " | ".join(f"{c:.1f}" for c in cells)
+        lines.append(f"| {machine} | {seed} | {run[0]['commit']} | {row} | {lead:+.1f} |")
+    spread = f"{statistics.mean(leads):+.1f} ± {statistics.stdev(leads):.1f}" if len(leads) > 1 else ""
+    lines.append(f"| mean ± sd over {len(leads)} runs |  |  |  |  |  | {spread} |")
+    files = ", ".join(f"`{p.relative_to(ROOT)}`" for p in paths)
+    lines += ["", f"From {files}: the latest run per machine, kernel level and data seed."]
     return "\n".join(lines)
 
 
@@ -201,6 +244,9 @@ TABLES: dict[str, Callable[[], str]] = {
     ),
     "quickstart_seeds": lambda: seeds_table(ROOT / "benchmarks" / "quickstart.jsonl"),
     "quickstart_variants": lambda: variants_table(ROOT / "benchmarks" / "quickstart_variants.jsonl"),
+    "quickstart_machines": lambda: machines_table(
+        [ROOT / "benchmarks" / f"quickstart{part}.jsonl" for part in ("_machines", "_variants", "")]
+    ),
     "pad": lambda: _workflow("pad").report(ROOT / "benchmarks" / "pad.jsonl"),
     "faults": lambda: _workflow("faults").report(ROOT / "benchmarks" / "faults.jsonl"),
     "cross_tokenizer": lambda: _workflow("cross_tokenizer").report_table(
