@@ -1,5 +1,5 @@
 """CPU numerics that do not depend on the machine: the same config and seeds train the same model on any
-x86 CPU with AVX2.
+Intel CPU with AVX2, and with `KDRAY_CPU_KERNELS=portable` on any x86 CPU.
 
 Why: PyTorch dispatches its elementwise and reduction kernels (softmax, norms, activations and their
 gradients) to the widest vector unit it finds (AVX-512 here, AVX2 on many laptops and cloud VMs), and
@@ -9,6 +9,11 @@ bits, most of all while a model is in a steep phase of its learning curve, so tw
 same seeded command could print tables 20 points apart. Pinning both to their AVX2 code paths makes
 an AVX-512 machine compute exactly what an AVX2-only machine computes (measured: identical gradients,
 no measurable speed cost for the tiny models of the quickstart; see docs/reproducibility.md).
+
+MKL honours its AVX2 branch (`MKL_CBWR=AVX2`) on Intel CPUs only: on other CPUs its documentation says
+the AUTO branch runs instead, so an AMD processor computes other GEMM bits with the default pins. The one
+branch MKL runs alike on Intel and compatible CPUs is COMPATIBLE (SSE2): `KDRAY_CPU_KERNELS=portable`
+pins it, at about twice the training time of the tiny models here (docs/reproducibility.md).
 
 The pins are environment variables read once, when torch and MKL initialise, so they must be set
 before torch is imported: the CLI and the workflow entry points call `pin_cpu_kernels()` first thing,
@@ -29,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 #: the environment that pins ATen's CPU dispatch and MKL's code path to AVX2
 PINNED_KERNELS: dict[str, str] = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
-#: set to "native" to opt out of the pins
+#: the same with MKL on its COMPATIBLE (SSE2) branch, the one it runs alike on Intel and AMD processors
+PORTABLE_KERNELS: dict[str, str] = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+#: "avx2" (the default), "portable" (the same bits on Intel and AMD, slower) or "native" (no pins)
 OPT_OUT_VARIABLE = "KDRAY_CPU_KERNELS"
 
 
@@ -38,9 +45,13 @@ def cpu_kernel_env() -> dict[str, str]:
     mode = os.environ.get(OPT_OUT_VARIABLE, "avx2").strip().lower()
     if mode == "native" or platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return {}
-    if mode != "avx2":
-        raise ValueError(f"{OPT_OUT_VARIABLE}={mode!r}: use 'avx2' (the default, reproducible) or 'native'")
-    return {key: os.environ.get(key, value) for key, value in PINNED_KERNELS.items()}
+    pins = {"avx2": PINNED_KERNELS, "portable": PORTABLE_KERNELS}.get(mode)
+    if pins is None:
+        raise ValueError(
+            f"{OPT_OUT_VARIABLE}={mode!r}: use 'avx2' (the default: the same bits on Intel CPUs with AVX2), "
+            "'portable' (the same bits on Intel and AMD CPUs, about twice as slow) or 'native' (no pins)"
+        )
+    return {key: os.environ.get(key, value) for key, value in pins.items()}
 
 
 def pin_cpu_kernels() -> dict[str, str]:
@@ -103,4 +114,5 @@ def provenance(seed: int) -> dict[str, object]:
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "cpu_kernels": active_cpu_capability(),
+        "mkl_branch": os.environ.get("MKL_CBWR", "AUTO"),
     }

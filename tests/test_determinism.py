@@ -36,10 +36,11 @@ print(hashlib.sha256(grads.numpy().tobytes()).hexdigest(), torch.backends.cpu.ge
 """
 
 
-def _probe(*, pin: bool, avx2_machine: bool) -> tuple[str, str]:
+def _probe(*, pin: bool, avx2_machine: bool, **extra: str) -> tuple[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in (*PINNED_KERNELS, OPT_OUT_VARIABLE)}
     if avx2_machine:
         env.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    env.update(extra)
     out = subprocess.run(
         [sys.executable, "-c", PROBE.format(repo=str(REPO), pin=pin)],
         capture_output=True,
@@ -61,12 +62,26 @@ def test_pinned_kernels_give_the_avx2_machines_gradients() -> None:
         assert native != pinned
 
 
+def test_portable_pins_give_the_same_bits_where_mkl_cannot_take_its_avx2_branch() -> None:
+    # MKL runs its AVX2 branch on Intel CPUs only; elsewhere it runs AUTO (its documentation). A CPU whose
+    # MKL is off that branch is emulated by capping MKL's instructions at SSE4.2: with the default pins it
+    # computes other gradient bits, with the portable pins (MKL's COMPATIBLE branch) the same ones.
+    off_branch = {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+    assert _probe(pin=True, avx2_machine=False)[0] != _probe(pin=True, avx2_machine=False, **off_branch)[0]
+    portable = {OPT_OUT_VARIABLE: "portable"}
+    on_branch = _probe(pin=True, avx2_machine=False, **portable)
+    assert on_branch == _probe(pin=True, avx2_machine=False, **portable, **off_branch)
+    assert on_branch[1] == "AVX2"
+
+
 def test_opt_out_and_explicit_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(OPT_OUT_VARIABLE, "native")
     assert cpu_kernel_env() == {}
     monkeypatch.setenv(OPT_OUT_VARIABLE, "fast")
     with pytest.raises(ValueError, match="KDRAY_CPU_KERNELS"):
         cpu_kernel_env()
+    monkeypatch.setenv(OPT_OUT_VARIABLE, "portable")
+    assert cpu_kernel_env() == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
     monkeypatch.delenv(OPT_OUT_VARIABLE)
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # a user's own choice wins over the default pin
     assert cpu_kernel_env() == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}

@@ -10,7 +10,13 @@ cosine schedule, seed 0) is trained in a fresh process per setting, with the sam
 - `native`: this CPU's own kernels (KDRAY_CPU_KERNELS=native);
 - `native, AVX2-only CPU`: the same, on a CPU without AVX-512 (emulated here by capping torch's
   dispatch and MKL's instruction set to AVX2, which is what such a CPU runs);
-- `pinned` and `pinned, AVX2-only CPU`: kdray's default (kdray/determinism.py), on both.
+- `pinned` and `pinned, AVX2-only CPU`: kdray's default (kdray/determinism.py), on both;
+- `pinned, MKL off its AVX2 branch`: the default pins where MKL does not run its AVX2 branch, which its
+  documentation says is every non-Intel CPU (emulated by capping MKL's instructions at SSE4.2);
+- `portable` and `portable, MKL off its AVX2 branch`: `KDRAY_CPU_KERNELS=portable` (MKL's COMPATIBLE
+  branch, the one it runs alike on Intel and AMD), on both.
+
+`--settings "a;b"` runs only those (two invocations with disjoint settings can share the 2 cores).
 
 Each run's held-out exact match (200 problems, greedy) is recorded every `--eval-every` steps. The
 loop is a plain single-process torch loop (one thread), so the only difference between the runs is
@@ -36,6 +42,12 @@ SETTINGS = {
     },
     "pinned": {},
     "pinned, AVX2-only CPU": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "pinned, MKL off its AVX2 branch": {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "portable": {"KDRAY_CPU_KERNELS": "portable"},
+    "portable, MKL off its AVX2 branch": {
+        "KDRAY_CPU_KERNELS": "portable",
+        "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+    },
 }
 
 
@@ -46,6 +58,7 @@ def _train(args: argparse.Namespace) -> dict:
 
     pin_cpu_kernels()
     import math
+    import time
 
     import torch
 
@@ -87,8 +100,9 @@ def _train(args: argparse.Namespace) -> dict:
         model.train()
         return 100 * exact_match(outs, [r["answer"] for r in test])
 
-    curve = []
+    curve, train_s = [], 0.0
     for step in range(steps):
+        started = time.perf_counter()
         batch = collate([rows[i] for i in order[step * 16 : (step + 1) * 16]], tok.pad_token_id)
         ids = torch.as_tensor(batch["input_ids"])
         labels = ids.masked_fill(~torch.as_tensor(batch["response_mask"]), -100)
@@ -100,28 +114,34 @@ def _train(args: argparse.Namespace) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        train_s += time.perf_counter() - started
         if (step + 1) % args.eval_every == 0:
             curve.append([step + 1, score()])
             print(f"step {step + 1}: exact match {curve[-1][1]:.1f}", file=sys.stderr, flush=True)
-    return {"curve": curve, "final_loss": float(loss), **provenance(args.seed)}
+    return {"curve": curve, "final_loss": float(loss), "train_s": train_s, **provenance(args.seed)}
+
+
+def _mkl_branch(row: dict) -> str:
+    """The MKL branch a row ran (rows before it was recorded: AUTO unpinned, AVX2 pinned)."""
+    return row.get("mkl_branch") or ("AUTO" if row["setting"].startswith("native") else "AVX2")
 
 
 def _report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     steps = [s for s, _ in rows[0]["curve"]]
-    head = "| setting | kernels | " + " | ".join(f"step {s}" for s in steps) + " | final train loss |"
-    lines = [head, "|---|---|" + "---:|" * (len(steps) + 1)]
+    head = "| setting | machine | kernels | MKL | " + " | ".join(f"step {s}" for s in steps)
+    lines = [head + " | final train loss | train s |", "|---|---|---|---|" + "---:|" * (len(steps) + 2)]
     for r in rows:
+        seconds = f"{r['train_s']:.0f}" if "train_s" in r else ""
         lines.append(
-            f"| {r['setting']} | {r['cpu_kernels']} | "
+            f"| {r['setting']} | {r['cpu'].split('(')[0].split()[0]} | {r['cpu_kernels']} | {_mkl_branch(r)} | "
             + " | ".join(f"{v:.1f}" for _, v in r["curve"])
-            + f" | {r['final_loss']:.9f} |"
+            + f" | {r['final_loss']:.9f} | {seconds} |"
         )
-    first = rows[0]
+    where = "; ".join(dict.fromkeys(f"{r['cpu']}, commit {r['commit']}" for r in rows))
     lines.append(
-        f"\nHeld-out exact match (%) of the quickstart's teacher; seed {first['seed']}, commit "
-        f"{first['commit']}, {first['cpu']}, {first['threads']} thread. Command: "
-        "`python workflows/kernel_sensitivity.py`."
+        f"\nHeld-out exact match (%) of the quickstart's teacher; seed {rows[0]['seed']}, "
+        f"{rows[0]['threads']} thread; {where}. Command: `python workflows/kernel_sensitivity.py`."
     )
     return "\n".join(lines)
 
@@ -135,6 +155,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/kernel_sensitivity.jsonl")
     parser.add_argument("--report", action="store_true", help="print the table of the results file")
+    parser.add_argument("--settings", help="settings to run, separated by ; (default: all not yet run here)")
     parser.add_argument("--setting", help=argparse.SUPPRESS)  # internal: one run in a child process
     args = parser.parse_args()
     out = Path(args.out)
@@ -144,10 +165,19 @@ def main() -> None:
     if args.setting:
         print(json.dumps(_train(args)))
         return
-    done = {json.loads(line)["setting"] for line in out.read_text().splitlines()} if out.exists() else set()
+    from kdray.determinism import cpu_model
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    done = {
+        r["setting"] for r in rows if r["cpu"] == cpu_model()
+    }  # per machine: another CPU's row is not this
     out.parent.mkdir(parents=True, exist_ok=True)
+    wanted = [w.strip() for w in args.settings.split(";")] if args.settings else list(SETTINGS)
+    unknown = sorted(set(wanted) - set(SETTINGS))
+    if unknown:
+        parser.error(f"--settings: unknown {unknown}; known: {list(SETTINGS)}")
     for name, env in SETTINGS.items():
-        if name in done:  # resumable: a finished setting is not run again
+        if name in done or name not in wanted:  # resumable: a setting finished here is not run again
             continue
         child_env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
         child_env.update(env)
