@@ -193,11 +193,14 @@ def test_the_machines_table_keeps_each_machines_latest_plain_run_and_the_leads_s
     rows += run(
         "kdray run --config other.yaml", "Intel(R) Xeon(R)", "AVX2", 0, "bbb0003", (1.0, 2.0, 3.0)
     )  # other
+    portable = run(q, "Intel(R) Xeon(R)", "AVX2", 1, "bbb0004", (80.0, 60.0, 61.0))  # its own machine row
+    rows += [{**r, "mkl_branch": "COMPATIBLE"} for r in portable]
     path = tmp_path / "runs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = tables.machines_table([path]).splitlines()
-    assert lines[2:5] == [
+    assert lines[2:6] == [
         "| AMD AVX2 | 0 | aaa0002 | 71.5 | 24.5 | 31.5 | +7.0 |",
         "| Intel AVX2 | 1 | bbb0001 | 82.5 | 70.0 | 66.0 | -4.0 |",
-        "| mean ± sd over 2 runs |  |  |  |  |  | +1.5 ± 7.8 |",
+        "| Intel AVX2, MKL COMPATIBLE | 1 | bbb0004 | 80.0 | 60.0 | 61.0 | +1.0 |",
+        "| mean ± sd over 3 runs |  |  |  |  |  | +1.3 ± 5.5 |",
     ]

@@ -155,8 +155,11 @@ QUICKSTART = "workflows/configs/quickstart.yaml"
 
 
 def machine_of(row: dict[str, Any]) -> str:
-    """A row's CPU vendor and kernel level, e.g. `Intel AVX2`: what a results table names a machine by."""
-    return f"{row['cpu'].split('(')[0].split()[0]} {row['cpu_kernels']}"
+    """A row's CPU vendor and kernel level, e.g. `Intel AVX2`, and MKL's branch where it is not the default
+    pin's (`KDRAY_CPU_KERNELS=portable`: `Intel AVX2, MKL COMPATIBLE`): what a table names a machine by."""
+    branch = row.get("mkl_branch", "AVX2")
+    mkl = "" if branch == "AVX2" or row["cpu_kernels"] != "AVX2" else f", MKL {branch}"
+    return f"{row['cpu'].split('(')[0].split()[0]} {row['cpu_kernels']}{mkl}"
 
 
 def machines_table(paths: list[Path], metric: str = "exact_match") -> str:
