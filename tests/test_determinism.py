@@ -80,11 +80,14 @@ def test_opt_out_and_explicit_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(OPT_OUT_VARIABLE, "fast")
     with pytest.raises(ValueError, match="KDRAY_CPU_KERNELS"):
         cpu_kernel_env()
+    for key in PINNED_KERNELS:  # this process may carry the pins already (kdray pinned it)
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv(OPT_OUT_VARIABLE, "portable")
     assert cpu_kernel_env() == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
     monkeypatch.delenv(OPT_OUT_VARIABLE)
-    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # a user's own choice wins over the default pin
-    assert cpu_kernel_env() == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+    assert cpu_kernel_env() == PINNED_KERNELS
+    monkeypatch.setenv("MKL_CBWR", "SSE4_2")  # a user's own choice wins over the default pin
+    assert cpu_kernel_env() == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "SSE4_2"}
 
 
 def test_ray_workers_start_with_the_pins() -> None:
