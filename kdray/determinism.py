@@ -92,6 +92,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_vendor(model: str) -> str:
+    """The vendor word of a CPU model name ("Intel(R) Xeon(R) Processor" -> "Intel", "AMD EPYC 9B14" ->
+    "AMD"): what results tables name a machine by, since the vendor is what changes MKL's arithmetic."""
+    return model.split("(")[0].split()[0] if model.strip() else "?"
+
+
 @functools.cache
 def code_commit() -> str:
     """The short commit of the checkout this process's code came from, read once: a benchmark that runs
@@ -114,5 +120,6 @@ def provenance(seed: int) -> dict[str, object]:
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "cpu_kernels": active_cpu_capability(),
+        # the branch kdray asked MKL for (MKL_CBWR); on a non-Intel CPU MKL runs AUTO unless it is COMPATIBLE
         "mkl_branch": os.environ.get("MKL_CBWR", "AUTO"),
     }

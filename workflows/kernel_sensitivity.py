@@ -127,6 +127,8 @@ def _mkl_branch(row: dict) -> str:
 
 
 def _report(path: Path) -> str:
+    from kdray.determinism import cpu_vendor
+
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     steps = [s for s, _ in rows[0]["curve"]]
     head = "| setting | machine | kernels | MKL | " + " | ".join(f"step {s}" for s in steps)
@@ -134,7 +136,7 @@ def _report(path: Path) -> str:
     for r in rows:
         seconds = f"{r['train_s']:.0f}" if "train_s" in r else ""
         lines.append(
-            f"| {r['setting']} | {r['cpu'].split('(')[0].split()[0]} | {r['cpu_kernels']} | {_mkl_branch(r)} | "
+            f"| {r['setting']} | {cpu_vendor(r['cpu'])} | {r['cpu_kernels']} | {_mkl_branch(r)} | "
             + " | ".join(f"{v:.1f}" for _, v in r["curve"])
             + f" | {r['final_loss']:.9f} | {seconds} |"
         )

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kdray.determinism import cpu_vendor
 from kdray.results import latest_run, read_rows
 from kdray.workflow.evaluate import BASELINE_LABEL as BASELINE
 from kdray.workflow.evaluate import lead_sentence
@@ -159,7 +160,7 @@ def machine_of(row: dict[str, Any]) -> str:
     pin's (`KDRAY_CPU_KERNELS=portable`: `Intel AVX2, MKL COMPATIBLE`): what a table names a machine by."""
     branch = row.get("mkl_branch", "AVX2")
     mkl = "" if branch == "AVX2" or row["cpu_kernels"] != "AVX2" else f", MKL {branch}"
-    return f"{row['cpu'].split('(')[0].split()[0]} {row['cpu_kernels']}{mkl}"
+    return f"{cpu_vendor(row['cpu'])} {row['cpu_kernels']}{mkl}"
 
 
 def machines_table(paths: list[Path], metric: str = "exact_match") -> str:
